@@ -391,7 +391,8 @@ def attention_backward(do, q, k, v, o, lse, *, scale, causal, bias, mask, table,
     dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)  # (B, Hkv, Lk, D)
     dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=v.device)  # (B, Hkv, Lk, D)
     n_kblocks = triton.cdiv(Lk, block_n)
-    dbias = torch.empty((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if need_dbias else None
+    # causal programs skip the tiles above the diagonal: their zeros are written here
+    dbias = torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if need_dbias else None
     num_buckets = table.shape[0] if table is not None else 1
     dtable = (torch.empty((B, Hq, n_kblocks, num_buckets), dtype=torch.float32, device=q.device)  # (B, Hq, nK, NB)
               if need_dtable else None)
