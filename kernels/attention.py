@@ -34,6 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import empty
+
+
+@triton.jit
+def _tile(base, b, h, sb, sh, offs_r, sr, offs_d, sd):
+    """Pointers to the (rows, BLOCK_D) tile of (b, h): base + b*sb + h*sh + r*sr + d*sd, 64-bit offsets."""
+    return base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + offs_r[:, None] * sr + offs_d[None, :] * sd
+
 
 @triton.jit
 def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
@@ -76,7 +84,7 @@ def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, BIAS, MASK, TABLE, BUCKET,
+    Q, K, V, Out, LSE, BIAS, MASK, TABLE, BUCKET,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smn, sth, stb,
     Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
@@ -94,8 +102,8 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    md_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
     K_BH = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     V_BH = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
@@ -132,14 +140,13 @@ def _fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    tl.store(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), out.to(Out.dtype.element_ty), mask=md_ok)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Lq,
+def _bwd_preprocess_kernel(Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Lq,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -148,10 +155,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, s
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                mask=ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
-                 + offs_d[None, :] * sdod, mask=ok, other=0.0)
+    o = tl.load(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), mask=ok, other=0.0)
+    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
@@ -177,10 +182,8 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     nd_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=nd_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    k = tl.load(_tile(K, b, hk, skb, skh, offs_n, skn, offs_d, skd), mask=nd_ok, other=0.0)  # (BN, BD)
+    v = tl.load(_tile(V, b, hk, svb, svh, offs_n, svn, offs_d, svd), mask=nd_ok, other=0.0)  # (BN, BD)
     MASK_B = MASK + b.to(tl.int64) * smb
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -240,10 +243,8 @@ def _bwd_dkdv_kernel(
             tl.store(DTABLE + row + offs_nb, dtable, mask=offs_nb < NUM_BUCKETS)
 
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(DK, b, hk, sdkb, sdkh, offs_n, sdkn, offs_d, sdkd), dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(DV, b, hk, sdvb, sdvh, offs_n, sdvn, offs_d, sdvd), dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
 @triton.jit
@@ -268,10 +269,8 @@ def _bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < Lq
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
-                 + offs_d[None, :] * sdod, mask=md_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
+    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=md_ok, other=0.0)
     ROW_BH = pid_bh.to(tl.int64) * Lq
     lse = tl.load(LSE + ROW_BH + offs_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -304,8 +303,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(_tile(DQ, b, h, sdqb, sdqh, offs_m, sdqm, offs_d, sdqd), dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 def _config(head_dim, device, backward):
@@ -317,25 +315,7 @@ def _config(head_dim, device, backward):
     return (64, 64, 4, 3) if head_dim <= 64 else (64, 64, 8, 2)
 
 
-def _extras(q, bias, mask, table, bucket):
-    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones."""
-    dummy = q.new_empty(1)
-    if bias is None:
-        bias, bias_strides = dummy, (0, 0, 0, 0)
-    else:
-        bias_strides = bias.stride()
-    if mask is None:
-        mask, mask_strides = dummy, (0, 0)
-    else:
-        mask_strides = mask.stride()
-    if table is None:
-        table, bucket, table_strides = dummy, dummy, (0, 0)
-    else:
-        table_strides = (table.stride(1), table.stride(0))
-    return (bias, mask, table, bucket), (*bias_strides, *mask_strides, *table_strides)
-
-
-def _flags(q, *, causal, bias, mask, table, dropout_p, backward):
+def _flags(q, causal, bias, mask, table, dropout_p, backward):
     """Compile-time flags and launch options shared by the kernels; returns (block_m, block_n, flags)."""
     D = q.shape[-1]
     block_m, block_n, num_warps, num_stages = _config(D, q.device, backward)
@@ -349,54 +329,75 @@ def _flags(q, *, causal, bias, mask, table, dropout_p, backward):
     return block_m, block_n, flags
 
 
-def attention_forward(q, k, v, *, scale, causal, bias, mask, table, bucket, dropout_p, seed):
+def _extras(q, bias, mask, table, bucket):
+    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones."""
+    dummy = q.new_empty(1)
+    bias_strides = (0, 0, 0, 0) if bias is None else bias.stride()
+    mask_strides = (0, 0) if mask is None else mask.stride()
+    table_strides = (0, 0) if table is None else (table.stride(1), table.stride(0))
+    ptrs = (
+        dummy if bias is None else bias,
+        dummy if mask is None else mask.view(torch.uint8),
+        dummy if table is None else table,
+        dummy if bucket is None else bucket,
+    )
+    return ptrs, (*bias_strides, *mask_strides, *table_strides)
+
+
+def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p):
     """Launch the forward kernel.
 
-    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) any strides; bias expanded to (B, Hq, Lq, Lk) (zero strides
-    allowed) or None; mask (B, Lk) uint8 or None; table (num_buckets, Hq) with bucket (Lq + Lk - 1,)
-    int32, or None. Returns o (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) fp32 (natural log).
+    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) any strides; bias (B, Hq, Lq, Lk) (zero strides allowed) or
+    None; mask (B, Lk) bool or None; table (num_buckets, Hq) with bucket (Lq + Lk - 1,) int32, or None;
+    seed (1,) int64. Returns o (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) fp32 (natural log).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    block_m, _, flags = _flags(q, causal=causal, bias=bias, mask=mask, table=table, dropout_p=dropout_p,
-                               backward=False)
+    o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    lse = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    if o.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    block_m, _, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=False)
     ptrs, strides = _extras(q, bias, mask, table, bucket)
     _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, o, lse, *ptrs,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
+        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, int(seed.item()) if dropout_p > 0.0 else 0, **flags,
     )
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, *, scale, causal, bias, mask, table, bucket, dropout_p, seed,
-                       need_dbias, need_dtable):
+def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias,
+                  need_dtable):
     """Launch the backward kernels.
 
-    Arguments as attention_forward, plus do (B, Hq, Lq, D), o and lse from the forward pass. Returns
-    dq, dk, dv (shapes and dtypes of q, k, v), dbias (B, Hq, Lq, Lk) fp32 or None (the gradient of the
-    expanded bias, reduced by the caller over broadcast dims) and dtable (num_buckets, Hq) fp32 or None.
+    Arguments as attention_fwd, plus do (B, Hq, Lq, D) and forward's o and lse. Returns dq, dk, dv
+    (shapes and dtypes of q, k, v); dbias (B, Hq, Lq, Lk) fp32, the gradient of the expanded bias (the
+    caller reduces it over broadcast dims), when need_dbias; dtable (num_buckets, Hq) fp32 when
+    need_dtable; empty (0,) tensors otherwise.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    block_m, block_n, flags = _flags(q, causal=causal, bias=bias, mask=mask, table=table, dropout_p=dropout_p,
-                                     backward=True)
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        o, do, delta, *o.stride(), *do.stride(), Hq, Lq, HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
-    )
-    dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)  # (B, Hkv, Lk, D)
-    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=v.device)  # (B, Hkv, Lk, D)
-    n_kblocks = triton.cdiv(Lk, block_n)
+    dq = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    dk = empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)  # (B, Hkv, Lk, D)
+    dv = empty((B, Hkv, Lk, D), dtype=v.dtype, device=v.device)  # (B, Hkv, Lk, D)
     # causal programs skip the tiles above the diagonal: their zeros are written here
-    dbias = torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if need_dbias else None
-    num_buckets = table.shape[0] if table is not None else 1
-    dtable = (torch.empty((B, Hq, n_kblocks, num_buckets), dtype=torch.float32, device=q.device)  # (B, Hq, nK, NB)
-              if need_dtable else None)
+    dbias = torch.zeros((B, Hq, Lq, Lk) if need_dbias else (0,), dtype=torch.float32, device=q.device)
+    num_buckets = table.shape[0] if need_dtable else 0
+    if dq.numel() == 0 or dk.numel() == 0:
+        dtable = torch.zeros((num_buckets, Hq) if need_dtable else (0,), dtype=torch.float32, device=q.device)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable
+    block_m, block_n, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=True)
     ptrs, strides = _extras(q, bias, mask, table, bucket)
+    seed = int(seed.item()) if dropout_p > 0.0 else 0
+    delta = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, Lq,
+        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+    )
+    n_kblocks = triton.cdiv(Lk, block_n)
+    dtable = empty((B, Hq, n_kblocks, num_buckets) if need_dtable else (0,), dtype=torch.float32,
+                   device=q.device)  # (B, Hq, nK, NB): one partial per dK/dV program and query head
     dummy = q.new_empty(1)
     _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
         q, k, v, do, lse, delta, dk, dv,

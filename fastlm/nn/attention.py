@@ -28,7 +28,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads != 0:
-            raise ValueError(f"MultiHeadAttention: embed_dim={embed_dim} is not a multiple of num_heads={num_heads}")
+            raise ValueError(f"MultiHeadAttention: embed_dim={embed_dim} is not a multiple of "
+                             f"num_heads={num_heads}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"MultiHeadAttention: num_heads={num_heads} is not a multiple of "
                              f"num_kv_heads={num_kv_heads}")
@@ -65,7 +66,9 @@ class MultiHeadAttention(nn.Module):
             q, kv = qkv.split([H * D, 2 * Hkv * D], dim=-1)
         else:
             w_q, w_kv = self.in_proj_weight.split([H * D, 2 * Hkv * D])
-            b_q, b_kv = (None, None) if self.in_proj_bias is None else self.in_proj_bias.split([H * D, 2 * Hkv * D])
+            b_q = b_kv = None
+            if self.in_proj_bias is not None:
+                b_q, b_kv = self.in_proj_bias.split([H * D, 2 * Hkv * D])
             q = F.linear(x, w_q, b_q)  # (B, Lq, H D)
             kv = F.linear(memory, w_kv, b_kv)  # (B, Lk, 2 Hkv D)
         q = q.unflatten(-1, (H, D)).transpose(1, 2)  # (B, Lq, H, D) -> (B, H, Lq, D), a view

@@ -1,14 +1,20 @@
-"""Fused attention: reference, autograd.Function and the public ``fastlm.attention``.
+"""Fused attention for BERT, GPT and T5: scaled dot product with causal masking, key padding, an
+additive bias, T5's relative-position bias, dropout and GQA.
 
-The conventions (causal alignment, relative positions, the dropout random stream) are stated in
-the docstring of kernels/attention.py; ``attention_reference`` below is their executable statement.
+The stack, in order: T5's bucketing and the RelativePositionBias holder, the dropout random stream, the
+PyTorch reference, the kernel entry points (Triton in fastlm.kernels.attention) registered with
+torch.library, the autograd.Function, and the public function. The conventions (causal alignment,
+relative positions, the dropout random stream) are stated in the docstring of kernels/attention.py;
+``attention_reference`` with ``dropout_keep_mask`` is their executable statement. The softmax runs
+in fp32 and its log-sum-exp (fp32) is what forward saves for backward.
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ._library import kernel_op, select_backend
 
 __all__ = ["RelativePositionBias", "attention", "attention_reference", "dropout_keep_mask",
            "relative_position_bucket"]
@@ -61,7 +67,8 @@ class RelativePositionBias:
 
     def bias(self, Lq, Lk):
         """The materialised (Hq, Lq, Lk) bias, for the reference only."""
-        diag = torch.arange(Lk, device=self.table.device)[None, :] - torch.arange(Lq, device=self.table.device)[:, None]
+        device = self.table.device
+        diag = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # (Lq, Lk)
         bucket = self.diagonal_buckets(Lq, Lk)[diag + Lq - 1]  # (Lq, Lk)
         return self.table[bucket].permute(2, 0, 1)  # (Lq, Lk, Hq) -> (Hq, Lq, Lk)
 
@@ -160,7 +167,91 @@ def _reference_lse(q, k, *, causal, key_padding_mask, attn_bias, rel_pos, scale)
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function over the Triton kernels
+# Kernel entry points
+# ----------------------------------------------------------------------------------------------
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLEMENTED = ("triton", "reference")
+MAX_KERNEL_HEAD_DIM = 256
+
+
+def _kernels(backend):
+    """The module holding `attention_fwd` / `attention_bwd` for `backend` (same signatures everywhere)."""
+    from ..kernels import attention
+
+    return attention
+
+
+def _fwd_fake(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p, backend):
+    B, Hq, Lq, D = q.shape
+    return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+@kernel_op("attention_fwd", _fwd_fake)
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    table: torch.Tensor | None,
+    bucket: torch.Tensor | None,
+    seed: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel. q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), any strides; bias (B, Hq, Lq, Lk) (an
+    expanded view, zero strides allowed) or None; mask (B, Lk) bool or None; table (num_buckets, Hq) with
+    bucket (Lq + Lk - 1,) int32 or None; seed (1,) int64 CPU. Returns o (B, Hq, Lq, D) in q's dtype and
+    lse (B, Hq, Lq) fp32."""
+    return tuple(_kernels(backend).attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale,
+                                                 dropout_p))
+
+
+def _bwd_fake(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias,
+              need_dtable, backend):
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty((B, Hq, Lq, Lk) if need_dbias else (0,), dtype=torch.float32),
+        q.new_empty(tuple(table.shape) if need_dtable else (0,), dtype=torch.float32),
+    )
+
+
+@kernel_op("attention_bwd", _bwd_fake)
+def _attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    table: torch.Tensor | None,
+    bucket: torch.Tensor | None,
+    seed: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    need_dbias: bool,
+    need_dtable: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels. Arguments as the forward, plus do (B, Hq, Lq, D) and forward's o and lse.
+    Returns dq, dk, dv (shapes and dtypes of q, k, v); dbias (B, Hq, Lq, Lk) fp32, the gradient of the
+    expanded bias, when need_dbias; dtable (num_buckets, Hq) fp32 when need_dtable; empty otherwise."""
+    return tuple(_kernels(backend).attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal,
+                                                 scale, dropout_p, need_dbias, need_dtable))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd.Function
 # ----------------------------------------------------------------------------------------------
 
 def _reduce_to(grad, shape):
@@ -172,45 +263,31 @@ def _reduce_to(grad, shape):
     return grad.reshape(shape)
 
 
-class _TritonAttention(torch.autograd.Function):
+class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attn_bias, table, key_padding_mask, causal, bidirectional, max_distance,
-                dropout_p, scale, seed):
-        from ..kernels import attention as kernels
-
+    def forward(ctx, q, k, v, attn_bias, table, mask, bucket, seed, causal, scale, dropout_p, backend):
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         bias = None if attn_bias is None else attn_bias.expand(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk), no copy
-        mask = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)  # (B, Lk)
-        bucket = None
-        if table is not None:
-            rel_pos = RelativePositionBias(table, bidirectional, max_distance)
-            bucket = rel_pos.diagonal_buckets(Lq, Lk).to(torch.int32)  # (Lq + Lk - 1,)
-        o, lse = kernels.attention_forward(q, k, v, scale=scale, causal=causal, bias=bias, mask=mask,
-                                           table=table, bucket=bucket, dropout_p=dropout_p, seed=seed)
-        ctx.save_for_backward(q, k, v, o, lse, attn_bias, table, mask, bucket)
-        ctx.args = (causal, dropout_p, scale, seed)
+        o, lse = _attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p, backend)
+        ctx.save_for_backward(q, k, v, o, lse, attn_bias, table, mask, bucket, seed)
+        ctx.args = (causal, scale, dropout_p, backend)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        from ..kernels import attention as kernels
-
-        q, k, v, o, lse, attn_bias, table, mask, bucket = ctx.saved_tensors
-        causal, dropout_p, scale, seed = ctx.args
+        q, k, v, o, lse, attn_bias, table, mask, bucket, seed = ctx.saved_tensors
+        causal, scale, dropout_p, backend = ctx.args
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         bias = None if attn_bias is None else attn_bias.expand(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
         need_dbias = attn_bias is not None and ctx.needs_input_grad[3]
         need_dtable = table is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, dtable = kernels.attention_backward(
-            do, q, k, v, o, lse, scale=scale, causal=causal, bias=bias, mask=mask, table=table,
-            bucket=bucket, dropout_p=dropout_p, seed=seed, need_dbias=need_dbias, need_dtable=need_dtable)
-        if need_dbias:
-            dbias = _reduce_to(dbias, attn_bias.shape).to(attn_bias.dtype)
-        if need_dtable:
-            dtable = dtable.to(table.dtype)
+        dq, dk, dv, dbias, dtable = _attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed,
+                                                   causal, scale, dropout_p, need_dbias, need_dtable, backend)
+        dbias = _reduce_to(dbias, attn_bias.shape).to(attn_bias.dtype) if need_dbias else None
+        dtable = dtable.to(table.dtype) if need_dtable else None
         return dq, dk, dv, dbias, dtable, None, None, None, None, None, None, None
 
 
@@ -218,10 +295,9 @@ class _TritonAttention(torch.autograd.Function):
 # Public function
 # ----------------------------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _describe(t):
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -232,7 +308,7 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D (B, H, L, D), got {_describe(t)}")
         if not t.is_floating_point():
-            raise TypeError(f"attention: {name} must be a floating tensor, got {_describe(t)}")
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got {_describe(t)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"attention: {name} dtype {t.dtype} differs from q dtype {q.dtype}")
@@ -246,95 +322,108 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
         raise ValueError(f"attention: k batch size {k.shape[0]} differs from q batch size {B} "
                          f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
     if k.shape[3] != D:
-        raise ValueError(f"attention: head dims differ: q has D={D} (shape {tuple(q.shape)}), k and v have "
-                         f"D={k.shape[3]} (shape {tuple(k.shape)})")
+        raise ValueError(f"attention: head dims differ: q has D={D} (shape {tuple(q.shape)}), k and v "
+                         f"have D={k.shape[3]} (shape {tuple(k.shape)})")
     Hkv, Lk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"attention: q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} "
                          f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            got = _describe(key_padding_mask) if isinstance(key_padding_mask, torch.Tensor) else type(
-                key_padding_mask).__name__
-            raise TypeError(f"attention: key_padding_mask must be a bool tensor (B, Lk) = ({B}, {Lk}), got {got}")
+            raise TypeError(f"attention: key_padding_mask must be a bool tensor (B, Lk) = ({B}, {Lk}), "
+                            f"got {_describe(key_padding_mask)}")
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got "
                              f"{tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on "
+                             f"{q.device}")
+    full = (B, Hq, Lq, Lk)
     if attn_bias is not None:
         if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
-            got = _describe(attn_bias) if isinstance(attn_bias, torch.Tensor) else type(attn_bias).__name__
-            raise TypeError(f"attention: attn_bias must be a floating tensor broadcastable to (B, Hq, Lq, Lk) = "
-                            f"({B}, {Hq}, {Lq}, {Lk}), got {got}")
-        full = (B, Hq, Lq, Lk)
+            raise TypeError(f"attention: attn_bias must be a floating-point tensor broadcastable to "
+                            f"(B, Hq, Lq, Lk) = {full}, got {_describe(attn_bias)}")
         shape = tuple(attn_bias.shape)
-        if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
-            raise ValueError(f"attention: attn_bias of shape {shape} is not broadcastable to (B, Hq, Lq, Lk) = "
-                             f"{full}")
+        if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1], strict=False)):
+            raise ValueError(f"attention: attn_bias of shape {shape} is not broadcastable to "
+                             f"(B, Hq, Lq, Lk) = {full}")
         if attn_bias.device != q.device:
             raise ValueError(f"attention: attn_bias is on {attn_bias.device} but q is on {q.device}")
     if rel_pos is not None:
         if not isinstance(rel_pos, RelativePositionBias):
-            raise TypeError(f"attention: rel_pos must be a fastlm.RelativePositionBias, got {type(rel_pos).__name__}")
+            raise TypeError(f"attention: rel_pos must be a fastlm.RelativePositionBias, got "
+                            f"{type(rel_pos).__name__}")
         table = rel_pos.table
-        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != Hq \
-                or not table.is_floating_point():
-            got = _describe(table) if isinstance(table, torch.Tensor) else type(table).__name__
-            raise ValueError(f"attention: rel_pos.table must be a floating (num_buckets, Hq={Hq}) tensor, got {got}")
+        if (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != Hq
+                or not table.is_floating_point()):
+            raise ValueError(f"attention: rel_pos.table must be a floating-point (num_buckets, Hq={Hq}) "
+                             f"tensor, got {_describe(table)}")
         exact = table.shape[0] // (2 if rel_pos.bidirectional else 1) // 2
         if exact < 1 or rel_pos.max_distance <= exact:
-            raise ValueError(f"attention: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} and "
-                             f"max_distance > the exact buckets ({exact}), got num_buckets={table.shape[0]}, "
-                             f"max_distance={rel_pos.max_distance}")
+            raise ValueError(f"attention: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} "
+                             f"and max_distance > its exact buckets ({exact}), got "
+                             f"num_buckets={table.shape[0]}, max_distance={rel_pos.max_distance}")
         if table.device != q.device:
             raise ValueError(f"attention: rel_pos.table is on {table.device} but q is on {q.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _use_triton(q):
-    if q.dtype not in _KERNEL_DTYPES or q.shape[-1] > 256:
-        return False
-    return q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+def _kernel_op_name(q, attn_bias, rel_pos):
+    """'attention' when the kernels can take these inputs, else a name that says why not."""
+    dtypes = {q.dtype} | {t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table)
+                          if t is not None}
+    if not dtypes <= set(KERNEL_DTYPES):
+        return f"attention on {', '.join(sorted(map(str, dtypes)))}"
+    if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        return f"attention with head dim {q.shape[-1]} > {MAX_KERNEL_HEAD_DIM}"
+    return "attention"
 
 
 def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, rel_pos=None, dropout_p=0.0,
               scale=None, return_lse=False):
     """Fused scaled-dot-product attention for BERT, GPT and T5.
 
-    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA/MQA); fp16, bf16 or fp32
-    (fp64 runs on the reference); any strides. Returns (B, Hq, Lq, D) in q's dtype, and with
-    ``return_lse`` also the (B, Hq, Lq) fp32 log-sum-exp of the scores (natural log, -inf for rows that
-    see no key; it carries no gradient).
-
-    causal: key j is visible to query i iff j <= i + (Lk - Lq) (bottom-right aligned).
-    key_padding_mask: (B, Lk) bool, True = attend. A query with no visible key gets zeros.
-    attn_bias: additive float tensor broadcastable to (B, Hq, Lq, Lk); its gradient is reduced over
-        the broadcast dims.
-    rel_pos: fastlm.RelativePositionBias with a (num_buckets, Hq) table; T5 buckets are computed per
-        diagonal, the (Hq, Lq, Lk) bias is never materialised; the table gets a gradient.
-    dropout_p: dropout on the probabilities (training only: pass 0.0 at evaluation); the mask is drawn
-        from a seed taken from torch's default generator (see ``dropout_keep_mask``).
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA/MQA); float32, float16 or
+        bfloat16 (float64 runs on the reference backend); any strides (views of a fused QKV projection
+        are used as they are). Returns (B, Hq, Lq, D) in q's dtype, and with ``return_lse`` also the
+        (B, Hq, Lq) fp32 log-sum-exp of the scores (natural log, -inf for rows that see no key; it
+        carries no gradient).
+    causal: key j is visible to query i iff j <= i + (Lk - Lq) (bottom-right aligned; top-left when
+        Lq == Lk).
+    key_padding_mask: (B, Lk) bool, True = attend. A query that sees no key gets zeros and zero
+        gradients.
+    attn_bias: additive float tensor broadcastable to (B, Hq, Lq, Lk); differentiable, its gradient
+        reduced over the broadcast dims.
+    rel_pos: fastlm.RelativePositionBias, a (num_buckets, Hq) table with T5's bucketing; the query i
+        sits at position i + (Lk - Lq). The (Hq, Lq, Lk) bias is never materialised; the table gets
+        a gradient.
+    dropout_p: dropout on the probabilities (pass 0.0 at evaluation); the mask comes from a seed drawn
+        from torch's default CPU generator, so torch.manual_seed reproduces it (``dropout_keep_mask``).
     scale: multiplies q.k; default 1/sqrt(D) (T5 uses 1.0).
     """
     _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p)
     B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    if q.numel() == 0 or k.shape[2] == 0 or not _use_triton(q):
-        o = attention_reference(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias, rel_pos=rel_pos,
-            dropout_p=dropout_p, scale=scale,
-            dropout_mask=dropout_keep_mask(seed, (B, Hq, Lq, k.shape[2]), dropout_p, q.device) if dropout_p else None)
+    op = _kernel_op_name(q, attn_bias, rel_pos)
+    backend = select_backend(op, q.device, IMPLEMENTED if op == "attention" else ("reference",))
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    if backend == "reference":
+        keep = None
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask(int(seed.item()), (B, Hq, Lq, Lk), dropout_p, q.device)
+        o = attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                attn_bias=attn_bias, rel_pos=rel_pos, dropout_p=dropout_p, dropout_mask=keep,
+                                scale=scale)
         if not return_lse:
             return o
-        lse = _reference_lse(q, k, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                             rel_pos=rel_pos, scale=scale)
-        return o, lse
-    table = None if rel_pos is None else rel_pos.table
-    bidirectional = True if rel_pos is None else rel_pos.bidirectional
-    max_distance = 128 if rel_pos is None else rel_pos.max_distance
-    o, lse = _TritonAttention.apply(q, k, v, attn_bias, table, key_padding_mask, causal, bidirectional,
-                                    max_distance, float(dropout_p), scale, seed)
+        return o, _reference_lse(q, k, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                                 rel_pos=rel_pos, scale=scale)
+    table = bucket = None
+    if rel_pos is not None:
+        table = rel_pos.table
+        bucket = rel_pos.diagonal_buckets(Lq, Lk).to(torch.int32)  # (Lq + Lk - 1,)
+    o, lse = _AttentionFunction.apply(q, k, v, attn_bias, table, key_padding_mask, bucket, seed, causal,
+                                      scale, float(dropout_p), backend)
     return (o, lse) if return_lse else o

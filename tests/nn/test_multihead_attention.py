@@ -1,10 +1,14 @@
 """fastlm.nn.MultiHeadAttention against torch.nn.MultiheadAttention and the attention reference."""
 
+import pytest
 import torch
 from torch import nn
 
-from fastlm.nn.attention import MultiHeadAttention
-from fastlm.ops.attention import RelativePositionBias, attention_reference
+import fastlm
+from fastlm.nn import MultiHeadAttention
+from fastlm.ops.attention import IMPLEMENTED, RelativePositionBias, attention_reference
+
+BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends("cpu")]
 
 
 def _torch_mha(module):
@@ -13,13 +17,15 @@ def _torch_mha(module):
     return ref
 
 
-def test_self_attention_matches_torch_mha_with_padding():
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_self_attention_matches_torch_mha_with_padding(kernel):
     torch.manual_seed(0)
     mha = MultiHeadAttention(64, 4)
     x = torch.randn(2, 19, 64, requires_grad=True)
     mask = torch.ones(2, 19, dtype=torch.bool)
     mask[1, 11:] = False
-    out = mha(x, key_padding_mask=mask)
+    with fastlm.use_backend(kernel):
+        out = mha(x, key_padding_mask=mask)
     ref, _ = _torch_mha(mha)(x, x, x, key_padding_mask=~mask, need_weights=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     (g,) = torch.autograd.grad(out.square().sum(), x)
@@ -27,31 +33,37 @@ def test_self_attention_matches_torch_mha_with_padding():
     torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_causal_and_cross_attention_match_torch_mha():
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_causal_and_cross_attention_match_torch_mha(kernel):
     torch.manual_seed(0)
     x, memory = torch.randn(2, 17, 32), torch.randn(2, 23, 32)
     causal = MultiHeadAttention(32, 2, causal=True)
     future = torch.ones(17, 17, dtype=torch.bool).triu(1)
     ref, _ = _torch_mha(causal)(x, x, x, attn_mask=future, need_weights=False)
-    torch.testing.assert_close(causal(x), ref, atol=1e-5, rtol=1e-5)
+    with fastlm.use_backend(kernel):
+        torch.testing.assert_close(causal(x), ref, atol=1e-5, rtol=1e-5)
     cross = MultiHeadAttention(32, 2)
     ref, _ = _torch_mha(cross)(x, memory, memory, need_weights=False)
-    torch.testing.assert_close(cross(x, memory), ref, atol=1e-5, rtol=1e-5)
+    with fastlm.use_backend(kernel):
+        torch.testing.assert_close(cross(x, memory), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_gqa_and_t5_relative_bias():
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_gqa_and_t5_relative_bias(kernel):
     torch.manual_seed(0)
     mha = MultiHeadAttention(64, 4, num_kv_heads=2, bias=False, scale=1.0, rel_pos_buckets=32,
                              rel_pos_max_distance=64)
     assert mha.in_proj_weight.shape == (64 + 2 * 32, 64)
     x = torch.randn(2, 21, 64)
-    out = mha(x)
-    out.sum().backward()
+    with fastlm.use_backend(kernel):
+        out = mha(x)
+        out.sum().backward()
     assert mha.relative_attention_bias.weight.grad.abs().sum() > 0
     w_q, w_k, w_v = mha.in_proj_weight.detach().split([64, 32, 32])
     q = (x @ w_q.T).unflatten(-1, (4, 16)).transpose(1, 2)  # (B, H, L, D)
     k = (x @ w_k.T).unflatten(-1, (2, 16)).transpose(1, 2)  # (B, Hkv, L, D)
     v = (x @ w_v.T).unflatten(-1, (2, 16)).transpose(1, 2)  # (B, Hkv, L, D)
-    rel_pos = RelativePositionBias(mha.relative_attention_bias.weight.detach(), bidirectional=True, max_distance=64)
+    table = mha.relative_attention_bias.weight.detach()
+    rel_pos = RelativePositionBias(table, bidirectional=True, max_distance=64)
     ref = attention_reference(q, k, v, rel_pos=rel_pos, scale=1.0).transpose(1, 2).reshape(2, 21, 64)
     torch.testing.assert_close(out, mha.out_proj(ref), atol=1e-4, rtol=1e-4)
