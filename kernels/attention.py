@@ -75,6 +75,17 @@ def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
 
 
 @triton.jit
+def _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the keys a Q tile can see: causal cuts at the diagonal, padding after the last kept key."""
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + Lk - Lq, 0))
+    if HAS_MASK:
+        hi = tl.minimum(hi, tl.load(KV_LEN + b))
+    return hi
+
+
+@triton.jit
 def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
     """Keep-mask of one tile: tl.rand at offset ((b * Hq + h) * Lq + i) * Lk + j (int64)."""
     row = (b * Hq + h).to(tl.int64) * Lq + offs_m.to(tl.int64)
@@ -84,7 +95,7 @@ def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, BIAS, MASK, TABLE, BUCKET,
+    Q, K, V, Out, LSE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smn, sth, stb,
     Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
@@ -112,10 +123,7 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, tl.maximum(start_m + BLOCK_M + Lk - Lq, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
@@ -163,7 +171,7 @@ def _bwd_preprocess_kernel(Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, BIAS, MASK, TABLE, BUCKET,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     sbb, sbh, sbm, sbn, smb, smn, sth, stb,
@@ -190,6 +198,9 @@ def _bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # first query that sees key start_n
         lo = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
+    hi = Lq
+    if HAS_MASK:  # no query sees a tile after the last kept key: dK = dV = 0
+        hi = tl.where(start_n < tl.load(KV_LEN + b), Lq, lo)
     inv_keep = 1.0 / (1.0 - dropout_p)
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -198,7 +209,7 @@ def _bwd_dkdv_kernel(
         BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
         ROW_BH = (b * Hq + h).to(tl.int64) * Lq
         dtable = tl.zeros((BLOCK_NB,), tl.float32)
-        for start_m in range(lo, Lq, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Lq
             md_ok = m_ok[:, None] & d_ok[None, :]
@@ -249,7 +260,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS, MASK, TABLE, BUCKET,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, MASK, KV_LEN, TABLE, BUCKET,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     sbb, sbh, sbm, sbn, smb, smn, sth, stb,
@@ -281,10 +292,7 @@ def _bwd_dq_kernel(
     MASK_B = MASK + b.to(tl.int64) * smb
     inv_keep = 1.0 / (1.0 - dropout_p)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, tl.maximum(start_m + BLOCK_M + Lk - Lq, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
@@ -330,14 +338,20 @@ def _flags(q, causal, bias, mask, table, dropout_p, backward):
 
 
 def _extras(q, bias, mask, table, bucket):
-    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones."""
+    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones. With a
+    mask, kv_len (B,) int32 is one past the last kept key of each sequence: tiles after it are skipped."""
     dummy = q.new_empty(1)
+    kv_len = None
+    if mask is not None:
+        positions = torch.arange(1, mask.shape[1] + 1, dtype=torch.int32, device=mask.device)  # (Lk,)
+        kv_len = torch.where(mask, positions, 0).amax(dim=1)  # (B,)
     bias_strides = (0, 0, 0, 0) if bias is None else bias.stride()
     mask_strides = (0, 0) if mask is None else mask.stride()
     table_strides = (0, 0) if table is None else (table.stride(1), table.stride(0))
     ptrs = (
         dummy if bias is None else bias,
         dummy if mask is None else mask.view(torch.uint8),
+        dummy if kv_len is None else kv_len,
         dummy if table is None else table,
         dummy if bucket is None else bucket,
     )
@@ -355,8 +369,8 @@ def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropo
     Hkv, Lk = k.shape[1], k.shape[2]
     o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
     lse = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    if o.numel() == 0:
-        return o, lse.fill_(float("-inf"))
+    if o.numel() == 0 or Lk == 0:  # no key at all: zeros
+        return o.zero_(), lse.fill_(float("-inf"))
     block_m, _, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=False)
     ptrs, strides = _extras(q, bias, mask, table, bucket)
     _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](

@@ -30,7 +30,10 @@ def _run(kernel, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=32, dtype=FP16, causal=False,
     v = randn(B, Hkv, Lk, D, dtype=dtype, device=DEVICE)
     leaves = {"q": q, "k": k, "v": v}
     mask = None
-    if pad:
+    if pad == "right":  # BERT-style: whole key tiles after each sequence's end are skipped
+        lengths = torch.tensor([Lk // 3, Lk, 1][:B], device=DEVICE)
+        mask = torch.arange(Lk, device=DEVICE)[None, :] < lengths[:, None]  # (B, Lk)
+    elif pad:
         mask = torch.rand(B, Lk, device=DEVICE) > 0.3
         mask[0, : Lk // 2] = False
         mask[-1] = False  # a sequence with every key padded out
@@ -79,6 +82,9 @@ FEATURES = {
     "causal_bottom_right": {"causal": True, "Lq": 17, "Lk": 40},
     "causal_lq_gt_lk": {"causal": True, "Lq": 40, "Lk": 17},
     "padding": {"pad": True},
+    "right_padding": {"pad": "right", "B": 3, "Lq": 40, "Lk": 70},
+    "right_padding_causal_gqa": {"pad": "right", "B": 3, "Hq": 4, "Hkv": 2, "Lq": 50, "Lk": 50,
+                                 "causal": True},
     "cross": {"Lq": 9, "Lk": 33},
     "gqa": {"Hq": 4, "Hkv": 2},
     "mqa": {"Hq": 3, "Hkv": 1},
