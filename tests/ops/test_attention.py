@@ -140,6 +140,18 @@ def test_fully_masked_rows_give_zeros(kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_propagates(kernel):
+    q, k, v = (randn(2, 2, 20, 16, device=DEVICE) for _ in range(3))
+    q[0, 1, 3, 5] = float("nan")  # one query row
+    v[1, 0, 7, 2] = float("nan")  # one value: every output of (b=1, h=0) at d=2
+    with fastlm.use_backend(kernel):
+        out = attention(q, k, v)
+    expected = attention_reference(q.double(), k.double(), v.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.isnan(out[0, 1, 3]).all() and torch.isnan(out[1, 0, :, 2]).all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_strided_views_of_fused_qkv(kernel):
     """q, k, v as the (B, H, L, D) views of a fused (B, L, 3, H, D) projection: used without copies."""
     B, L, H, D = 2, 19, 3, 32
