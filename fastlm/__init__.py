@@ -4,14 +4,14 @@ Functional ops: fastlm.layer_norm, fastlm.rms_norm. Modules: fastlm.nn. Backends
 fastlm.available_backends, fastlm.info (DESIGN.md §3).
 """
 
-from . import nn, ops
+from . import models, nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
 from .ops import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "info", "layer_norm", "nn", "ops", "rms_norm", "use_backend"]
+__all__ = ["available_backends", "info", "layer_norm", "models", "nn", "ops", "rms_norm", "use_backend"]
 
 
 def info():

@@ -13,6 +13,7 @@ from .bert import (
     BertModel,
     BertOutput,
 )
+from .finetune import freeze_all_but, linear_probe, new_head, trainable_parameters
 from .gpt import GPTConfig, GPTLMHeadModel, GPTModel, GPTOutput
 from .t5 import T5Config, T5ForConditionalGeneration, T5Output
 
@@ -30,4 +31,8 @@ __all__ = [
     "T5Config",
     "T5ForConditionalGeneration",
     "T5Output",
+    "freeze_all_but",
+    "linear_probe",
+    "new_head",
+    "trainable_parameters",
 ]

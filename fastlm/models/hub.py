@@ -84,7 +84,8 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
         given a bare-body checkpoint (no key under the prefix) gets the prefix added; a bare-body model
         (body=True) given a head checkpoint keeps the keys under the prefix, without it, and drops the heads.
     tied: model keys that HF derives from another one (saved once); absent from the checkpoint is fine.
-    new: key prefixes of heads that a pretrained checkpoint lacks (freshly initialised when missing).
+    new: key prefixes of heads that a pretrained checkpoint may lack: freshly initialised when the checkpoint
+        has no key under the prefix (a partly present head is an error).
     dropped: key prefixes of other heads that may be in the checkpoint and are ignored.
     Returns the sorted keys that were freshly initialised.
     """
@@ -96,7 +97,8 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
         state_dict = {prefix + k: v for k, v in state_dict.items()}
     unexpected = [k for k in state_dict if k not in expected and not k.startswith(tuple(dropped))]
     missing = [k for k in expected if k not in state_dict and k not in tied]
-    initialised = [k for k in missing if k.startswith(tuple(new))]
+    absent_heads = tuple(p for p in new if not any(k.startswith(p) for k in state_dict))  # wholly absent only
+    initialised = [k for k in missing if k.startswith(absent_heads)]
     missing = [k for k in missing if k not in initialised]
     if missing or unexpected:
         raise ValueError(

@@ -377,7 +377,7 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         temperature=1.0,
         top_k=None,
         top_p=None,
-        eos_token_id=-1,
+        eos_token_id="config",
         pad_token_id=None,
         generator=None,
     ):
@@ -389,7 +389,7 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         as for GPTLMHeadModel.generate.
         """
         c = self.config
-        eos_token_id = c.eos_token_id if eos_token_id == -1 else eos_token_id
+        eos_token_id = c.eos_token_id if eos_token_id == "config" else eos_token_id
         pad_token_id = c.pad_token_id if pad_token_id is None else pad_token_id
         B = input_ids.shape[0]
         encoded = self.encode(input_ids, attention_mask)  # (B, Ls, E)

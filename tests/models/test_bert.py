@@ -167,6 +167,10 @@ def test_bad_checkpoints_and_inputs(tmp_path):
     save_file(missing, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing keys \['bert.encoder.layer.0.output.dense.weight'\]"):
         BertForPreTraining.from_pretrained(tmp_path)
+    partial_head = {k: v for k, v in weights.items() if k != "cls.seq_relationship.bias"}
+    save_file(partial_head, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['cls.seq_relationship.bias'\]"):
+        BertForPreTraining.from_pretrained(tmp_path)
     save_file({**weights, "bert.encoder.layer.7.extra": torch.zeros(1)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected keys \['bert.encoder.layer.7.extra'\]"):
         BertForPreTraining.from_pretrained(tmp_path)
