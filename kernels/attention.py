@@ -314,26 +314,24 @@ def _bwd_dq_kernel(
     tl.store(_tile(DQ, b, h, sdqb, sdqh, offs_m, sdqm, offs_d, sdqd), dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-def _config(head_dim, device, backward, relpos):
+def _config(head_dim, device, backward, has_score_bias):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles under the CPU interpreter, fixed GPU tiles
-    per head dim (no autotuning). The T5 bias keeps forward's BLOCK_M at 64: its skewed (BLOCK_M,
-    BLOCK_M + BLOCK_N) bias tile must stay in registers."""
+    per head dim (no autotuning), chosen so that sm_90 builds spill little or nothing: an additive or
+    T5 bias keeps forward's BLOCK_M at 64 (the bias tile, or the skewed (BLOCK_M, BLOCK_M + BLOCK_N)
+    T5 tile, must fit in registers next to the accumulator)."""
     if device.type == "cpu":
         return 16, 16, 1, 1
-    if backward:
-        if head_dim <= 64:
-            return 64, 64, 4, 2
-        return (64, 64, 8, 2) if head_dim <= 128 else (32, 32, 8, 1)
     if head_dim > 128:
-        return 64, 32, 8, 2
-    block_m = 64 if relpos else 128
-    return (block_m, 64, 4, 3) if head_dim <= 64 else (block_m, 64, 8, 2)
+        return (32, 32, 8, 1) if backward else (64, 32, 8, 2)
+    if backward:
+        return 64, 64, 8, 2
+    return (64 if has_score_bias else 128), 64, 8, (3 if head_dim <= 64 else 2)
 
 
 def _flags(q, causal, bias, mask, table, dropout_p, backward):
     """Compile-time flags and launch options shared by the kernels; returns (block_m, block_n, flags)."""
     D = q.shape[-1]
-    block_m, block_n, num_warps, num_stages = _config(D, q.device, backward, table is not None)
+    block_m, block_n, num_warps, num_stages = _config(D, q.device, backward, bias is not None or table is not None)
     flags = {
         "HEAD_DIM": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,

@@ -1,6 +1,9 @@
 """fastlm.attention in every backend that has its kernels, against the fp64 reference (DESIGN.md §4)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,6 +142,7 @@ def test_fully_masked_rows_give_zeros(kernel):
         assert torch.equal(grad[1], torch.zeros_like(grad[1])) and torch.isfinite(grad).all()
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's row max of a NaN row
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_nan_propagates(kernel):
     q, k, v = (randn(2, 2, 20, 16, device=DEVICE) for _ in range(3))
@@ -256,6 +260,66 @@ def test_torch_compile_fullgraph(kernel):
         (grad,) = torch.autograd.grad(out.sum(), module.relative_attention_bias.weight)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+SM90_BUILD = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlm.kernels import attention as A
+
+dtype, D, features = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "BIAS"}
+fp32_pointers = {"LSE", "DELTA", "DBIAS", "DTABLE", "TABLE"}
+int_pointers = {"MASK": "*u8", "KV_LEN": "*i32", "BUCKET": "*i32"}
+for backward in (False, True):
+    q = torch.empty(1, 1, 1, D, dtype=getattr(torch, dtype), device="meta")
+    bias = q if "bias" in features else None
+    table = q if "relpos" in features else None
+    mask = q if "mask" in features else None
+    block_m, _, flags = A._flags(q, "causal" in features, bias, mask, table, 0.1 * ("dropout" in features),
+                                 backward)
+    options = {"num_warps": flags.pop("num_warps"), "num_stages": flags.pop("num_stages")}
+    kernels = [A._bwd_dq_kernel, A._bwd_dkdv_kernel] if backward else [A._fwd_kernel]
+    for kernel in kernels:
+        constexprs = dict(flags)
+        if kernel is A._bwd_dkdv_kernel:
+            constexprs.update(WRITE_DBIAS=bias is not None, WRITE_DTABLE=table is not None, BLOCK_NB=32)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = "*" + {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+            elif name in fp32_pointers:
+                signature[name] = "*fp32"
+            elif name in int_pointers:
+                signature[name] = int_pointers[name]
+            else:
+                signature[name] = {"sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        print(kernel.__name__, dtype, D, features, "shared", compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, D, features", [
+    ("bfloat16", 64, ["causal", "mask", "dropout"]),
+    ("float16", 96, ["bias", "relpos"]),
+    ("float32", 128, ["causal"]),
+])
+def test_kernels_build_for_sm90(dtype, D, features):
+    """Every kernel compiles to sm_90 code (Triton's own ptxas, no GPU needed): catches what only a
+    GPU build checks (layouts, tl.gather, dot shapes), which the interpreter does not."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", SM90_BUILD, dtype, str(D), *features], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
 
 
 BAD_INPUTS = [
