@@ -31,10 +31,10 @@ def check_ids(ids, vocab_size, name="input_ids"):
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size})"
-        )
+    if ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size})")
 
 
 def check_length(length, max_positions, name="input_ids"):
