@@ -129,6 +129,7 @@ class PretrainedMixin:
     hf_architecture = None
 
     def hf_keys(self):
+        """How this class's keys relate to HF checkpoints: ``load_state_dict_checked``'s keyword arguments."""
         raise NotImplementedError
 
     @staticmethod

@@ -82,6 +82,7 @@ class T5Config(HFConfig):
 
     @property
     def gated(self):
+        """Whether the feed-forward is gated (v1.1: act(wi_0 x) * wi_1 x)."""
         return self.feed_forward_proj.startswith("gated-")
 
     @property
