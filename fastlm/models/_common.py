@@ -55,7 +55,8 @@ def key_padding_mask(attention_mask, shape):
 
 
 def init_normal(module, std):
-    """HF's BERT/GPT-2 initialisation: Linear and Embedding weights N(0, std), biases 0, norms 1 / 0."""
+    """HF's BERT/GPT-2 initialisation: Linear and Embedding weights N(0, std) (padding rows 0), biases 0,
+    norms 1 / 0."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -63,6 +64,8 @@ def init_normal(module, std):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
         elif isinstance(m, (LayerNorm, RMSNorm)) and m.weight is not None:
             nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
