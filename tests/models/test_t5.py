@@ -113,6 +113,25 @@ def test_save_pretrained_round_trips(preset, tmp_path):
     )
 
 
+def test_hf_checkpoint_with_its_own_lm_head(tmp_path):
+    """An HF T5 whose lm_head differs from the embedding (real v1.1 weights) stays untied here too."""
+    torch.manual_seed(5)
+    hf = transformers.T5ForConditionalGeneration(hf_config("v1.1", layers=1)).eval()
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight))
+    hf.save_pretrained(tmp_path)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert model.lm_head is not None and not model.config.tie_word_embeddings
+    src, src_mask, labels = batch(5)
+    dec = model.shift_right(labels)
+    torch.testing.assert_close(
+        model(src, src_mask, decoder_input_ids=dec).logits,
+        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 def test_bad_inputs_and_checkpoints():
     torch.manual_seed(4)
     gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
