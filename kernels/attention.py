@@ -50,18 +50,19 @@ def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
             HAS_RELPOS: tl.constexpr, REL_W: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores of one (BLOCK_M, BLOCK_N) tile in base 2 (natural scores times log2(e)), -inf where masked."""
+    LOG2E: tl.constexpr = 1.4426950408889634
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    s = qk * sm_scale
+    s = qk * (sm_scale * LOG2E)
     if HAS_BIAS:
         bias = tl.load(BIAS_BH + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inb, other=0.0)
-        s += bias.to(tl.float32)
+        s += bias.to(tl.float32) * LOG2E
     if HAS_RELPOS:
         # the tile's diagonals j - i + Lq - 1 are d0 + t, t in [0, BLOCK_M + BLOCK_N - 1)
         d0 = start_n - start_m - (BLOCK_M - 1) + Lq - 1
         offs_t = d0 + tl.arange(0, REL_W)
         t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
         bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=0)
-        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32)  # (REL_W,)
+        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32) * LOG2E  # (REL_W,)
         rel_tile = tl.broadcast_to(rel[None, :], (BLOCK_M, REL_W))
         diag = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
         s += tl.gather(rel_tile, diag, 1)  # (BLOCK_M, BLOCK_N)
@@ -71,7 +72,7 @@ def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
     if HAS_MASK:
         keep = tl.load(MASK_B + offs_n * smn, mask=offs_n < Lk, other=0)
         valid = valid & (keep != 0)[None, :]
-    return tl.where(valid, s * 1.4426950408889634, float("-inf"))
+    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
