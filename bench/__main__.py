@@ -9,7 +9,7 @@ import torch
 
 from . import harness
 
-OPS = ("norms",)
+OPS = ("norms", "attention")
 
 
 def parse_args(argv):
