@@ -14,10 +14,13 @@ namespace fastlm_emu::detail {
 inline void warp_collective(const WarpCall& call) {
   Thread* t = current;
   Block& b = *block;
-  char mask_str[16];
-  std::snprintf(mask_str, sizeof mask_str, "0x%08x", call.mask);
+  auto mask_str = [&] {
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "0x%08x", call.mask);
+    return std::string(hex);
+  };
   if (!(call.mask >> t->lane & 1u)) {
-    fail(std::string(call.name) + ": mask " + mask_str + " does not include the calling lane " +
+    fail(std::string(call.name) + ": mask " + mask_str() + " does not include the calling lane " +
          std::to_string(t->lane));
   }
   Thread* const* lanes = b.threads + t->warp * 32;
@@ -27,12 +30,12 @@ inline void warp_collective(const WarpCall& call) {
   for (unsigned l = 0; l < 32; ++l) {
     if (!(call.mask >> l & 1u) || l == t->lane) continue;
     if (l >= nlanes) {
-      fail(std::string(call.name) + ": mask " + mask_str + " names lane " + std::to_string(l) +
+      fail(std::string(call.name) + ": mask " + mask_str() + " names lane " + std::to_string(l) +
            ", which does not exist (block of " + std::to_string(b.nthreads) + " threads)");
     }
     const Thread& o = *lanes[l];
     if (o.state == State::exited) {
-      fail(std::string(call.name) + ": mask " + mask_str + " names lane " + std::to_string(l) +
+      fail(std::string(call.name) + ": mask " + mask_str() + " names lane " + std::to_string(l) +
            ", which has exited");
     }
     if (o.state != State::at_warp) {
@@ -40,7 +43,7 @@ inline void warp_collective(const WarpCall& call) {
       return;
     }
     if (o.call.complete != call.complete || o.call.mask != call.mask) {
-      fail(std::string(call.name) + " with mask " + mask_str + " meets lane " + std::to_string(l) +
+      fail(std::string(call.name) + " with mask " + mask_str() + " meets lane " + std::to_string(l) +
            " waiting in " + o.call.name + " with a different mask or operation");
     }
   }
@@ -188,14 +191,10 @@ inline int __all_sync(unsigned mask, int pred) {
   return static_cast<int>(fastlm_emu::detail::vote<Vote::all>("__all_sync", mask, pred != 0));
 }
 
-// activemask: the lanes of the caller's warp that have not exited (the emulation has no
-// divergence inside a warp, so every live lane counts as active).
+// activemask: the emulation does not track divergence inside a warp, so every lane of the
+// caller's warp that exists in the block counts as active.
 inline unsigned __activemask() {
   using namespace fastlm_emu::detail;
-  const Thread* t = current;
-  Thread* const* lanes = block->threads + t->warp * 32;
-  const unsigned nlanes = std::min(32u, block->nthreads - t->warp * 32);
-  unsigned m = 0;
-  for (unsigned l = 0; l < nlanes; ++l) m |= (lanes[l]->state != State::exited) << l;
-  return m;
+  const unsigned nlanes = std::min(32u, block->nthreads - current->warp * 32);
+  return nlanes == 32 ? 0xffffffffu : (1u << nlanes) - 1;
 }

@@ -71,7 +71,8 @@ class Registry {
     *out = it->second;
     return true;
   }
-  // Describes every checked global buffer whose front gap was written, or "" when none was.
+  // Describes every checked global buffer whose front gap was written, or "" when none was;
+  // the canary is restored so that one bad write is reported once.
   std::string damaged_fronts() {
     std::lock_guard<std::mutex> lock(mutex_);
     std::string out;
@@ -79,8 +80,9 @@ class Registry {
       if (r.kind != RegionKind::global) continue;
       for (const char* p = r.map + page_size(); p < r.data; ++p) {
         if (static_cast<unsigned char>(*p) != kCanary) {
-          out += "a write " + std::to_string(r.data - p) + " bytes before the start of a " +
-                 std::to_string(r.bytes) + "-byte global buffer; ";
+          out += "write at byte " + std::to_string(p - r.data) + " of " + std::to_string(r.bytes) +
+                 "-byte global buffer (checked mode); ";
+          std::memset(r.map + page_size(), kCanary, static_cast<size_t>(r.data - (r.map + page_size())));
           break;
         }
       }

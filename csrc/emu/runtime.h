@@ -93,6 +93,7 @@ struct Block {
 inline thread_local Thread* current = nullptr;  // the fiber running now; null in the scheduler
 inline thread_local Block* block = nullptr;     // the block being run on this OS thread
 inline thread_local char* dynamic_smem = nullptr;
+inline thread_local size_t dynamic_smem_bytes = 0;
 
 constexpr size_t kStackBytes = 128 * 1024;
 
@@ -178,20 +179,15 @@ inline std::string describe_fault(const Thread& t) {
     return "invalid " + access + " at address " + addr +
            (t.fault_addr == nullptr ? " (or a misaligned vector access)" : "");
   }
-  const char* a = static_cast<const char*>(t.fault_addr);
-  const char* end = r.data + round_up(r.bytes, r.kind == RegionKind::global ? 1 : 16);
   if (r.kind == RegionKind::stack) {
     return "stack overflow of the emulated thread (" + std::to_string(kStackBytes) + " bytes)";
   }
-  const std::string what = r.kind == RegionKind::shared ? "dynamic shared memory"
-                                                        : "global buffer (checked mode)";
-  if (a >= end) {
-    return "out-of-bounds " + access + " " + std::to_string(a - end) + " bytes past the end of " +
-           std::to_string(r.bytes) + "-byte " + what + " (address " + addr + ")";
-  }
-  return "out-of-bounds " + access + " " + std::to_string(r.data - a) +
-         " bytes before the start of " + std::to_string(r.bytes) + "-byte " + what +
-         " (address " + addr + ")";
+  const bool shared = r.kind == RegionKind::shared;
+  const long offset = static_cast<const char*>(t.fault_addr) - (shared ? dynamic_smem : r.data);
+  return "out-of-bounds " + access + " at byte " + std::to_string(offset) + " of " +
+         std::to_string(shared ? dynamic_smem_bytes : r.bytes) + "-byte " +
+         (shared ? "dynamic shared memory" : "global buffer (checked mode)") + " (address " + addr +
+         ")";
 }
 
 // Entry of every fiber: run the kernel body, then leave for good.
@@ -428,6 +424,7 @@ inline void run_grid(const char* kernel, const void* key, dim3 grid, dim3 blk, s
   p.reserve(b.nthreads);
   b.threads = p.threads.data();
   char* smem_ptr = p.shared(smem);
+  dynamic_smem_bytes = smem;
   gridDim = grid;
   blockDim = blk;
   block = &b;
@@ -449,7 +446,8 @@ inline void run_grid(const char* kernel, const void* key, dim3 grid, dim3 blk, s
   const std::string damaged = registry().damaged_fronts();
   if (!damaged.empty()) {
     throw std::runtime_error("fastlm CUDA emulation: kernel '" + std::string(kernel) +
-                             "': out-of-bounds " + damaged.substr(0, damaged.size() - 2));
+                             "': out-of-bounds " + damaged.substr(0, damaged.size() - 2) +
+                             " (found after the launch, so the thread is unknown)");
   }
 }
 
