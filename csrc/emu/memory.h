@@ -50,16 +50,6 @@ class Registry {
     std::lock_guard<std::mutex> lock(mutex_);
     regions_.erase(reinterpret_cast<uintptr_t>(map));
   }
-  bool find_data(const void* data, Region* out) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [start, r] : regions_) {
-      if (r.data == data) {
-        *out = r;
-        return true;
-      }
-    }
-    return false;
-  }
   // The region whose mapping (guards included) holds `addr`, if any.
   bool lookup(const void* addr, Region* out) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -142,7 +132,7 @@ inline void* checked_alloc(size_t bytes) {
 inline void checked_free(void* data) {
   if (data == nullptr) return;
   detail::Region r;
-  if (detail::registry().find_data(data, &r)) detail::unmap_guarded(r);
+  if (detail::registry().lookup(data, &r) && r.data == data) detail::unmap_guarded(r);
 }
 
 }  // namespace fastlm_emu
