@@ -80,6 +80,7 @@ struct Thread {
 
 struct Block {
   const char* kernel = "";
+  const char* site = "";  // the launching function, with its template arguments
   unsigned nthreads = 0, live = 0, at_sync = 0, round = 0;
   uint64_t linear = 0;
   Thread* const* threads = nullptr;  // all threads of the block, by linear index
@@ -135,10 +136,14 @@ inline std::string dim_str(uint3 v) {
   return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
 }
 
-inline std::string where(const Thread& t) {
-  return "kernel '" + std::string(block->kernel) + "' block " + dim_str(blockIdx) + " thread " +
-         dim_str(t.idx);
+// "kernel 'k' (launched in f [with T = float]) block (x,y,z)": the kernel variable's name alone
+// says little when it is a function pointer, the launching function's signature says which one.
+inline std::string kernel_str(const Block& b) {
+  return "kernel '" + std::string(b.kernel) + "' (launched in " + b.site + ") block " +
+         dim_str(blockIdx);
 }
+
+inline std::string where(const Thread& t) { return kernel_str(*block) + " thread " + dim_str(t.idx); }
 
 // Back to the scheduler; returns when the scheduler resumes this fiber.
 inline void yield() {
@@ -336,8 +341,7 @@ inline bool run_block(Block& b, Pool& p) {
     if (b.ready.empty()) {
       if (b.live == 0) return true;
       if (b.at_sync != b.live) {
-        b.error = "kernel '" + std::string(b.kernel) + "' block " + dim_str(blockIdx) + ": " +
-                  deadlock_report(all, n);
+        b.error = kernel_str(b) + ": " + deadlock_report(all, n);
         return false;
       }
       for (unsigned i = 0; i < n; ++i) {
@@ -409,14 +413,15 @@ inline bool check_config(const char* kernel, const void* key, dim3 grid, dim3 bl
 }
 
 // Runs body(ctx) as every thread of every block of the grid.
-inline void run_grid(const char* kernel, const void* key, dim3 grid, dim3 blk, size_t smem,
-                     void (*body)(const void*), const void* ctx) {
+inline void run_grid(const char* kernel, const char* site, const void* key, dim3 grid, dim3 blk,
+                     size_t smem, void (*body)(const void*), const void* ctx) {
   if (current != nullptr) throw std::logic_error("fastlm_emu: kernel launch from inside a kernel");
   if (!check_config(kernel, key, grid, blk, smem)) return;
   install_fault_handler();
   Pool& p = pool();
   Block& b = p.blk;
   b.kernel = kernel;
+  b.site = site;
   b.nthreads = blk.x * blk.y * blk.z;
   b.body = body;
   b.body_ctx = ctx;
@@ -446,7 +451,7 @@ inline void run_grid(const char* kernel, const void* key, dim3 grid, dim3 blk, s
   const std::string damaged = registry().damaged_fronts();
   if (!damaged.empty()) {
     throw std::runtime_error("fastlm CUDA emulation: kernel '" + std::string(kernel) +
-                             "': out-of-bounds " + damaged.substr(0, damaged.size() - 2) +
+                             "' (launched in " + site + "): out-of-bounds " + damaged.substr(0, damaged.size() - 2) +
                              " (found after the launch, so the thread is unknown)");
   }
 }
@@ -457,8 +462,8 @@ inline void run_grid(const char* kernel, const void* key, dim3 grid, dim3 blk, s
 template <class... P>
 class Launch {
  public:
-  Launch(void (*kernel)(P...), const char* name, dim3 grid, dim3 blk, size_t smem)
-      : kernel_(kernel), name_(name), grid_(grid), block_(blk), smem_(smem) {}
+  Launch(void (*kernel)(P...), const char* name, const char* site, dim3 grid, dim3 blk, size_t smem)
+      : kernel_(kernel), name_(name), site_(site), grid_(grid), block_(blk), smem_(smem) {}
 
   template <class... A>
   void operator()(A&&... args) const {
@@ -471,20 +476,21 @@ class Launch {
       auto* x = static_cast<const Ctx*>(c);
       std::apply(x->kernel, x->args);
     };
-    run_grid(name_, reinterpret_cast<const void*>(kernel_), grid_, block_, smem_, body, &ctx);
+    run_grid(name_, site_, reinterpret_cast<const void*>(kernel_), grid_, block_, smem_, body, &ctx);
   }
 
  private:
   void (*kernel_)(P...);
   const char* name_;
+  const char* site_;
   dim3 grid_, block_;
   size_t smem_;
 };
 
 template <class... P>
-Launch<P...> make_launch(void (*kernel)(P...), const char* name, dim3 grid, dim3 blk, size_t smem,
-                         cudaStream_t) {
-  return Launch<P...>(kernel, name, grid, blk, smem);
+Launch<P...> make_launch(void (*kernel)(P...), const char* name, const char* site, dim3 grid,
+                         dim3 blk, size_t smem, cudaStream_t) {
+  return Launch<P...>(kernel, name, site, grid, blk, smem);
 }
 
 }  // namespace detail
@@ -492,7 +498,7 @@ Launch<P...> make_launch(void (*kernel)(P...), const char* name, dim3 grid, dim3
 
 // kernel<<<grid, block, smem, stream>>>(args...), run synchronously on the CPU.
 #define FASTLM_LAUNCH(kernel, grid, block, smem_bytes, stream) \
-  ::fastlm_emu::detail::make_launch(kernel, #kernel, grid, block, smem_bytes, stream)
+  ::fastlm_emu::detail::make_launch(kernel, #kernel, __PRETTY_FUNCTION__, grid, block, smem_bytes, stream)
 
 // `T* name` = this block's dynamic shared memory (16-byte aligned, ending at a guard page).
 #define FASTLM_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::fastlm_emu::detail::dynamic_smem)

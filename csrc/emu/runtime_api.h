@@ -29,6 +29,37 @@ extern "C" inline const char* cudaGetErrorString(cudaError_t e) {
   }
 }
 
+// cudaGetDevice: the emulated device is device 0.
+extern "C" inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+// cudaDeviceGetAttribute: an sm_90-like device with only 3 multiprocessors, so that launchers
+// sizing grids by the SM count get small grids whose grid-stride loops take several turns.
+extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  using namespace fastlm_emu::detail;
+  if (device != 0) {
+    set_error(cudaErrorInvalidDevice, "cudaDeviceGetAttribute: the emulation has device 0 only");
+    return cudaErrorInvalidDevice;
+  }
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = 3; break;
+    case cudaDevAttrWarpSize: *value = 32; break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(kDefaultSmemLimit); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxSmemOptIn); break;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
+    default:
+      set_error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute " +
+                                           std::to_string(static_cast<int>(attr)) +
+                                           " is not emulated (csrc/emu/runtime_api.h)");
+      return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): the limit
 // that launches of `kernel` are checked against (48 KiB without it, at most 227 KiB).
 template <class F>

@@ -253,3 +253,13 @@ EMU_TEST(launch_configuration_errors) {
   CHECK_EQ(cudaGetLastError(), cudaSuccess);
   CHECK_EQ(out[31], 1.0f);
 }
+
+EMU_TEST(device_attributes) {
+  int device = -1, sms = 0, optin = 0;
+  CHECK_EQ(cudaGetDevice(&device), cudaSuccess);
+  CHECK_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), cudaSuccess);
+  CHECK_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), cudaSuccess);
+  CHECK(sms > 0);
+  CHECK_EQ(optin, 227 * 1024);
+  CHECK_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 1), cudaErrorInvalidDevice);
+}
