@@ -1,0 +1,299 @@
+"""Timing, memory, ceilings and reporting shared by every benchmark.
+
+A benchmark module (bench_<op>.py) exposes `cases(device, quick)`, a list of `Case`. Each case names the
+implementations to compare; the harness times forward, backward and both for each, measures peak
+memory of forward+backward, converts times to GB/s (or TFLOP/s) against the machine's ceilings
+measured in the same run, and computes the speedup over the case's reference implementation.
+"""
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """One shape of one op. `impls` maps a name to a function of `inputs()`'s tensors returning the
+    output; `work` maps each mode to bytes moved (unit "GB/s") or floating-point operations
+    ("TFLOP/s"); the reference implementation is the one speedups are relative to."""
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    inputs: callable
+    impls: dict
+    reference: str
+    work: dict
+    unit: str = "GB/s"
+    absent: dict = field(default_factory=dict)  # peer name -> why it was not run
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    impl: str
+    mode: str
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    throughput: float | None = None
+    unit: str = "GB/s"
+    pct_of_ceiling: float | None = None
+    speedup: float | None = None
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, reps):
+    """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench, which flushes
+    L2 between calls; on the CPU: wall clock of `reps` calls after warm-up."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=100)
+        return median, p20, p80
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def _rss_kb(field_name):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_memory_mb(fn, device):
+    """Growth of peak memory while fn() runs: CUDA allocator peak on a GPU, the process's peak resident
+    set (VmHWM, reset through /proc/self/clear_refs) on the CPU. None where it cannot be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        base = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        fn()
+        return max(0, _rss_kb("VmHWM") - base) / 1024
+    except (OSError, RuntimeError):
+        return None
+
+
+def ceilings(device):
+    """Copy bandwidth (GB/s, bytes read + written) and matmul rate (TFLOP/s), measured now."""
+    big = 2**28 if device.type == "cuda" else 2**24
+    src = torch.randn(big // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms, _, _ = time_ms(lambda: dst.copy_(src), device, reps=10)
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms, _, _ = time_ms(lambda: a @ b, device, reps=10)
+    return {
+        "copy_gbps": 2 * big / copy_ms / 1e6,
+        "matmul_tflops": 2 * n**3 / mm_ms / 1e9,
+        "matmul_dtype": str(dtype),
+    }
+
+
+def metadata(device):
+    """Device name, date and versions that tag every result file."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    import fastlm
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "device": name,
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "fastlm": fastlm.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
+
+
+def _clear_grads(tensors):
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+
+
+def run_case(case, device, reps, ceiling):
+    """All rows (impl × mode) of one case."""
+    rows = []
+    tensors = case.inputs()
+    outputs = {}
+    for name, fn in case.impls.items():
+        out = fn(*tensors)
+        out = out[0] if isinstance(out, tuple) else out
+        grad = torch.randn_like(out)
+        outputs[name] = (fn, grad)
+
+    def modes(fn, grad):
+        def forward():
+            fn(*tensors)
+
+        kept = fn(*tensors)
+        kept = kept[0] if isinstance(kept, tuple) else kept
+
+        def backward():
+            _clear_grads(tensors)
+            kept.backward(grad, retain_graph=True)
+
+        def both():
+            _clear_grads(tensors)
+            y = fn(*tensors)
+            (y[0] if isinstance(y, tuple) else y).backward(grad)
+
+        return {"fwd": forward, "bwd": backward, "fwd+bwd": both}
+
+    for name, (fn, grad) in outputs.items():
+        fns = modes(fn, grad)
+        for mode in MODES:
+            median, p20, p80 = time_ms(fns[mode], device, reps)
+            throughput = case.work[mode] / median / 1e6 if case.unit == "GB/s" else case.work[mode] / median / 1e9
+            ceiling_value = ceiling["copy_gbps"] if case.unit == "GB/s" else ceiling["matmul_tflops"]
+            rows.append(
+                Row(
+                    case.op,
+                    case.shape,
+                    str(case.dtype).replace("torch.", ""),
+                    name,
+                    mode,
+                    median,
+                    p20,
+                    p80,
+                    throughput,
+                    case.unit,
+                    100 * throughput / ceiling_value,
+                )
+            )
+        _sync(device)
+        peak = peak_memory_mb(fns["fwd+bwd"], device)
+        for row in rows[-len(MODES) :]:
+            row.peak_mem_mb = peak
+    reference = {r.mode: r.median_ms for r in rows if r.impl == case.reference}
+    for row in rows:
+        row.speedup = reference[row.mode] / row.median_ms
+    for peer, why in case.absent.items():
+        rows.append(
+            Row(
+                case.op,
+                case.shape,
+                str(case.dtype).replace("torch.", ""),
+                peer,
+                "fwd+bwd",
+                None,
+                None,
+                None,
+                note=f"absent: {why}",
+            )
+        )
+    return rows
+
+
+def print_table(rows, file=None):
+    header = (
+        f"{'op':<12} {'shape':<16} {'dtype':<9} {'impl':<22} {'mode':<8} {'median ms':>10} "
+        f"{'[p20, p80]':>18} {'throughput':>14} {'%ceil':>6} {'speedup':>8} {'peak MB':>8}"
+    )
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in rows:
+        if r.median_ms is None:
+            print(f"{r.op:<12} {r.shape:<16} {r.dtype:<9} {r.impl:<22} {r.note}", file=file)
+            continue
+        peak = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
+        print(
+            f"{r.op:<12} {r.shape:<16} {r.dtype:<9} {r.impl:<22} {r.mode:<8} {r.median_ms:>10.3f} "
+            f"{f'[{r.p20_ms:.3f}, {r.p80_ms:.3f}]':>18} {r.throughput:>9.1f} {r.unit:<4} "
+            f"{r.pct_of_ceiling:>5.0f}% {r.speedup:>7.2f}× {peak:>8}",
+            file=file,
+        )
+
+
+def write_json(path, meta, ceiling, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "ceilings": ceiling, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+def plot(path, title, rows):
+    """Speedup over the reference per shape and implementation (forward+backward), and peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.mode == "fwd+bwd" and r.median_ms is not None]
+    groups = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in timed))
+    impls = list(dict.fromkeys(r.impl for r in timed))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(groups) + 4), 4.8))
+    width = 0.8 / max(1, len(impls))
+    for metric, ax, label in (
+        ("speedup", axes[0], "speedup over reference (×, higher is better)"),
+        ("peak_mem_mb", axes[1], "peak memory growth, MB (lower is better)"),
+    ):
+        for k, impl in enumerate(impls):
+            values = []
+            for group in groups:
+                match = [r for r in timed if (r.op, r.shape, r.dtype) == group and r.impl == impl]
+                values.append(getattr(match[0], metric) or 0 if match else 0)
+            xs = [g + (k - (len(impls) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, values, width, label=impl)
+        ax.set_xticks(range(len(groups)), [f"{op}\n{shape}\n{dtype}" for op, shape, dtype in groups], fontsize=7)
+        ax.set_ylabel(label)
+        if metric == "speedup":
+            ax.axhline(1.0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title + " — forward+backward")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

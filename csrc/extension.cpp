@@ -1,0 +1,21 @@
+// The pybind11 module: fastlm._C (CPU kernels, plus CUDA kernels when built with CUDA) or, with
+// FASTLM_EMU, fastlm._C_emu (the CUDA kernels run by the host emulator on CPU tensors).
+#include "glue.h"
+
+namespace fastlm {
+void bind_norms(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastlm kernels";
+  m.def("built_with_cuda", [] {
+#if defined(FASTLM_WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("set_poison_outputs", &fastlm::set_poison_outputs,
+        "NaN-fill every kernel output before the kernel runs (testing)");
+  fastlm::bind_norms(m);
+}

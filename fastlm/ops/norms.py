@@ -1,0 +1,210 @@
+"""LayerNorm and RMSNorm over the last dimension, with an optional fused residual add.
+
+    s = x + residual          (when residual is given; s is what the next block's residual is)
+    y = norm(s) * weight + bias
+
+The stack, in order: the PyTorch reference, the kernel entry points (one per backend: Triton in
+fastlm.kernels.norms, CUDA and CPU C++ in fastlm._C, emulated CUDA in fastlm._C_emu) registered with
+torch.library, the autograd.Function, and the public functions. Statistics are computed and saved in
+fp32 whatever the input dtype; backward recomputes x̂ from the saved input and statistics.
+"""
+
+import torch
+
+from .. import _ext
+from ._library import kernel_op, select_backend
+
+__all__ = ["layer_norm", "rms_norm", "norm_reference"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLEMENTED = ("triton", "cuda", "cuda_emu", "cpu", "reference")
+
+
+# --------------------------------------------------------------------------- reference
+def norm_reference(x, weight=None, bias=None, eps=1e-5, residual=None, *, rms=False, return_residual=False):
+    """Plain PyTorch LayerNorm (rms=False) or RMSNorm (rms=True), computed in fp32 (fp64 for fp64
+    input); the oracle every kernel is checked against. Same arguments as `layer_norm`."""
+    s = x if residual is None else x + residual
+    h = s.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+    if rms:
+        y = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    else:
+        centred = h - h.mean(-1, keepdim=True)
+        y = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(h.dtype)
+    if bias is not None:
+        y = y + bias.to(h.dtype)
+    y = y.to(x.dtype)
+    return (y, s) if return_residual else y
+
+
+# --------------------------------------------------------------------------- kernel entry points
+def _kernels(backend):
+    """The module holding `norm_fwd` / `norm_bwd` for `backend` (same signatures everywhere)."""
+    if backend == "triton":
+        from ..kernels import norms
+
+        return norms
+    return _ext.C_EMU if backend == "cuda_emu" else _ext.C
+
+
+def _fwd_fake(x, weight, bias, residual, eps, rms, store_residual, backend):
+    rows, n = x.shape
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return (
+        x.new_empty((rows, n)),
+        x.new_empty((rows, n) if store_residual else (0,), dtype=s_dtype),
+        x.new_empty((0,) if rms else (rows,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
+    )
+
+
+@kernel_op("norm_fwd", _fwd_fake)
+def _norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    store_residual: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward kernel on (rows, N) views with unit stride along N. Returns y (rows, N) in x's dtype;
+    s = x + residual (rows, N) when store_residual, else an empty tensor; mean (rows,) fp32 (empty
+    for RMSNorm) and rstd (rows,) fp32."""
+    return tuple(_kernels(backend).norm_fwd(x, weight, bias, residual, eps, rms, store_residual))
+
+
+def _bwd_fake(dy, ds, s, weight, has_bias, mean, rstd, rms, backend):
+    n = s.shape[1]
+    weight_grad_shape = (n,) if weight is not None else (0,)
+    return (
+        s.new_empty(s.shape),
+        s.new_empty(weight_grad_shape, dtype=torch.float32),
+        s.new_empty((n,) if has_bias else (0,), dtype=torch.float32),
+    )
+
+
+@kernel_op("norm_bwd", _bwd_fake)
+def _norm_bwd(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    has_bias: bool,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rms: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernel. dy (rows, N); ds (rows, N) or None, the gradient flowing into s from its own
+    use downstream; s (rows, N), the normalised input. Returns ds_total (rows, N) in s's dtype (the
+    gradient of x and of residual), dweight and dbias (N,) fp32, or empty tensors when absent."""
+    return tuple(_kernels(backend).norm_bwd(dy, ds, s, weight, has_bias, mean, rstd, rms))
+
+
+# --------------------------------------------------------------------------- autograd
+def _rows(t, n):
+    """View t (..., n) as (rows, n) with unit stride along n, copying only when no such view exists."""
+    t2 = t.reshape(-1, n)  # (rows, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+class _NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, rms, return_residual, backend):
+        n = x.shape[-1]
+        x2 = _rows(x, n)  # (rows, n)
+        r2 = None if residual is None else _rows(residual, n)  # (rows, n)
+        store = residual is not None and (return_residual or any(ctx.needs_input_grad[:4]))
+        y, s, mean, rstd = _norm_fwd(x2, weight, bias, r2, eps, rms, store, backend)
+        ctx.save_for_backward(x2 if residual is None else s, weight, mean, rstd)
+        ctx.meta = (
+            x.shape,
+            x.dtype,
+            None if residual is None else residual.dtype,
+            None if bias is None else bias.dtype,
+        )
+        ctx.rms, ctx.backend = rms, backend
+        s_out = s.view(x.shape) if s.numel() else s  # (..., n)
+        return y.view(x.shape), s_out  # (..., n)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, mean, rstd = ctx.saved_tensors
+        shape, x_dtype, residual_dtype, bias_dtype = ctx.meta
+        n = shape[-1]
+        ds = None if ds is None or ds.numel() == 0 else _rows(ds, n)  # (rows, n)
+        has_bias = bias_dtype is not None
+        dx, dw, db = _norm_bwd(_rows(dy, n), ds, s, weight, has_bias, mean, rstd, ctx.rms, ctx.backend)
+        dx = dx.view(shape)  # (..., n)
+        dw = None if weight is None else dw.to(weight.dtype)
+        db = db.to(bias_dtype) if has_bias else None
+        dres = None if residual_dtype is None else dx.to(residual_dtype)
+        return dx.to(x_dtype), dw, db, dres, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public functions
+def _check(fn, x, weight, bias, residual, eps):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least one dimension (the one normalised), got a 0-d tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got dtype {x.dtype}")
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"{fn}: x's last dimension (the one normalised) must be ≥ 1, got shape {tuple(x.shape)}")
+    for name, t, shape in (("weight", weight, (n,)), ("bias", bias, (n,)), ("residual", residual, x.shape)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"{fn}: {name} must have shape {tuple(shape)} to match x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}; put them on one device")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a non-negative number, got {eps!r}")
+
+
+def _norm(fn, x, weight, bias, eps, residual, return_residual, rms):
+    _check(fn, x, weight, bias, residual, eps)
+    dtypes = {t.dtype for t in (x, weight, bias, residual) if t is not None}
+    kernels_ok = dtypes <= set(KERNEL_DTYPES)
+    op = fn if kernels_ok else f"{fn} on {', '.join(sorted(map(str, dtypes)))}"
+    backend = select_backend(op, x.device, IMPLEMENTED if kernels_ok else ("reference",))
+    if backend == "reference":
+        return norm_reference(x, weight, bias, eps, residual, rms=rms, return_residual=return_residual)
+    y, s = _NormFunction.apply(x, weight, bias, residual, float(eps), rms, return_residual, backend)
+    if not return_residual:
+        return y
+    return y, (x if residual is None else s)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, return_residual=False):
+    """LayerNorm over the last dimension, with an optional fused residual add.
+
+    x:        (..., N) float32 / float16 / bfloat16 (float64 runs on the reference backend)
+    weight:   (N,) or None, any float dtype; bias: (N,) or None
+    residual: (..., N) like x, or None; then s = x + residual is normalised (dtype: promotion of both)
+    eps:      added to the variance
+    return_residual: also return s (x itself when residual is None), for the next block's residual
+    Returns y (..., N) in x's dtype, or (y, s). Mean and 1/std are computed and saved in fp32.
+    """
+    return _norm("layer_norm", x, weight, bias, eps, residual, return_residual, rms=False)
+
+
+def rms_norm(x, weight=None, eps=1e-6, residual=None, *, return_residual=False):
+    """RMSNorm over the last dimension (T5LayerNorm / LlamaRMSNorm), with an optional fused residual add.
+
+    y = s / sqrt(mean(s²) + eps) * weight, with s = x + residual when residual is given.
+    Shapes and dtypes as for `layer_norm` (no bias). Returns y, or (y, s) with return_residual.
+    """
+    return _norm("rms_norm", x, weight, None, eps, residual, return_residual, rms=True)

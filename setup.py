@@ -1,0 +1,114 @@
+"""Build fastlm: the Python package, the Triton kernels (as fastlm.kernels), the benchmark suite
+(as fastlm.bench) and the pybind11 extension fastlm._C.
+
+Knobs (environment variables):
+  FASTLM_CUDA=0/1        force the CUDA sources off/on (default: on when torch has CUDA and nvcc exists)
+  FASTLM_CUDA_ARCHS      ";"-separated compute capabilities, default "80;90", one -gencode each
+  MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
+  FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
+  FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
+                         and `import fastlm` runs on the reference and Triton backends; fastlm.info()
+                         says why the extension is missing)
+Sources are globbed: csrc/*.cpp (glue), csrc/cpu/*.cpp (CPU kernels), csrc/cuda/*.cu (CUDA kernels).
+"""
+
+import os
+import platform
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _flag(name):
+    """The boolean value of environment variable `name`, or None when it is unset."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _sources(folder, pattern):
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
+
+
+def _gencode_flags():
+    archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+        if not arch.isdigit():
+            raise SystemExit(f"FASTLM_CUDA_ARCHS entries must be like 80 or 90, got {arch!r}")
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _cpu_flags():
+    """Vector ISA flags for the CPU kernels: AVX2 + FMA on x86-64 (at::vec then uses its AVX2 code)."""
+    if platform.machine() not in ("x86_64", "AMD64") or _flag("FASTLM_CPU_AVX2") is False:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
+def _extensions():
+    from torch.utils import cpp_extension
+
+    optional = not _flag("FASTLM_REQUIRE_EXTENSION")
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", *_cpu_flags()]
+    include_dirs = [str(ROOT / "csrc")]
+    sources = _sources("csrc", "*.cpp") + _sources("csrc/cpu", "*.cpp")
+
+    has_cuda_toolchain = cpp_extension.CUDA_HOME is not None
+    torch_has_cuda = __import__("torch").version.cuda is not None
+    use_cuda = _flag("FASTLM_CUDA")
+    if use_cuda is None:
+        use_cuda = has_cuda_toolchain and torch_has_cuda
+    elif use_cuda and not (has_cuda_toolchain and torch_has_cuda):
+        raise SystemExit("FASTLM_CUDA=1 but torch has no CUDA or nvcc was not found (CUDA_HOME)")
+
+    if use_cuda:
+        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *_gencode_flags()]
+        return [
+            cpp_extension.CUDAExtension(
+                "fastlm._C",
+                sources + _sources("csrc/cuda", "*.cu"),
+                include_dirs=include_dirs,
+                define_macros=[("FASTLM_WITH_CUDA", None)],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                optional=optional,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "fastlm._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            optional=optional,
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="fastlm",
+    version="0.1.0",
+    description="Fused attention, cross-entropy and norm kernels for BERT/GPT/T5 training",
+    python_requires=">=3.10",
+    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels", "fastlm.bench"],
+    package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels", "fastlm.bench": "bench"},
+    package_data={"fastlm.bench": ["results/*.json"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"triton": ["triton>=3.6"], "bench": ["matplotlib", "tqdm"]},
+    entry_points={"console_scripts": ["fastlm = fastlm.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,79 @@
+"""Test harness: Triton on CPU tensors through its interpreter, and a `backend` fixture that runs a test
+once per backend available for the test device."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported: Triton kernels then run on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _fix_interpreter_bf16():
+    """Two bf16 faults of triton 3.9's interpreter, patched here so that kernels run as on a GPU:
+    - tl.dot: bf16 is held as uint16 and those integers are multiplied, so a bf16 dot returns garbage
+      (fp16 and fp32 are right). Convert bf16 operands to fp32 first; a bf16 product is exact in
+      fp32, which is what the GPU's fp32-accumulating tensor cores compute.
+    - casts fp32 -> bf16 truncate the mantissa, where the GPU rounds to nearest even; a kernel whose
+      bf16 output is then checked against fp64 fails by one ulp. Round as the GPU does.
+    The kernels themselves are left as they run on a GPU."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def as_fp32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << np.uint32(16)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_bf16()
+
+
+def device_under_test():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise a test's `backend` argument over every backend available for the test device."""
+    if "backend" in metafunc.fixturenames:
+        import fastlm
+
+        metafunc.parametrize("backend", fastlm.available_backends(device_under_test()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return device_under_test()

@@ -1,0 +1,45 @@
+"""The `fastlm` command, the benchmark runner's smoke test, and import without the extension."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import fastlm
+from fastlm.cli import main
+
+
+def test_info_lists_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in fastlm.backends.BACKENDS:
+        assert name in out
+    assert "torch" in out
+
+
+def test_import_without_the_extension():
+    """fastlm imports and runs on the reference backend when fastlm._C cannot be loaded."""
+    code = (
+        "import sys; sys.modules['fastlm._C'] = None; sys.modules['fastlm._C_emu'] = None\n"
+        "import torch, fastlm\n"
+        "assert 'fastlm._C could not be imported' in fastlm.info()\n"
+        "assert 'cpu' not in fastlm.available_backends('cpu')\n"
+        "x = torch.randn(3, 8)\n"
+        "assert torch.allclose(fastlm.layer_norm(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_quick_writes_table_json_and_png(tmp_path, capsys):
+    from bench.__main__ import main as bench_main
+
+    bench_main(["--quick", "--ops", "norms", "--device", "cpu", "--out", str(tmp_path), "--reps", "2"])
+    out = capsys.readouterr().out
+    assert "fastlm cpu" in out and "torch F.layer_norm" in out and "speedup" in out
+    data = json.loads((tmp_path / "norms-quick-cpu.json").read_text())
+    assert data["meta"]["torch"] == torch.__version__ and data["ceilings"]["copy_gbps"] > 0
+    timed = [r for r in data["rows"] if r["median_ms"] is not None]
+    assert {r["mode"] for r in timed} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in timed)
+    assert (tmp_path / "norms-quick-cpu.png").stat().st_size > 10_000
