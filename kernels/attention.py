@@ -433,5 +433,5 @@ def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, 
         Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
     )
     if need_dtable:
-        dtable = dtable.sum(dim=(0, 2)).t()  # (B, Hq, nK, NB) -> (NB, Hq)
+        dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)
     return dq, dk, dv, dbias, dtable
