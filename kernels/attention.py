@@ -95,6 +95,36 @@ def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
 
 
 @triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, lo, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+               K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+               REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
+        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
@@ -124,26 +154,20 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
-        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    hi = _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M)
+    mid = 0
+    if CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
+        mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, q, 0, mid, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+            K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+            False, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+        )
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, mid, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+        K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+    )
 
     empty = l_i == 0.0  # no visible key: zeros, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
