@@ -6,6 +6,9 @@ backward pass, which recomputes the probabilities tile by tile. Backward is thre
 ``Delta = rowsum(dO * O)`` preprocess, a dK/dV kernel (one program per K tile and KV head, looping over
 the Q tiles of every query head of its group, so GQA needs no atomics) and a dQ kernel (one program per
 Q tile). Every accumulation is fp32 and every sum has a fixed order: the kernels are deterministic.
+Work that cannot contribute is skipped: key tiles above the causal diagonal, and key tiles after the
+last kept key of a sequence (BERT's right padding); forward masks causally only the tiles that cross
+the diagonal.
 
 Conventions every backend of ``fastlm.attention`` reproduces (the reference in fastlm/ops/attention.py
 is the executable statement of them):
