@@ -127,6 +127,20 @@ def test_head_dims(kernel, D):
     _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, dtype=BF16 if D in (80, 128) else FP16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", [
+    {"B": 2, "Hq": 12, "Hkv": 12, "Lq": 512, "Lk": 512, "D": 64, "pad": "right"},
+    {"B": 2, "Hq": 8, "Hkv": 2, "Lq": 1000, "Lk": 1000, "D": 64, "causal": True, "pad": True, "rel_pos": False,
+     "dropout_p": 0.1},
+    {"B": 2, "Hq": 4, "Hkv": 4, "Lq": 333, "Lk": 777, "D": 96, "bias_shape": (1, 4, 333, 777)},
+    {"B": 1, "Hq": 4, "Hkv": 4, "Lq": 2048, "Lk": 2048, "D": 128, "causal": True},
+], ids=["bert", "t5-decoder-gqa", "cross-bias-d96", "long-causal-d128"])
+def test_gpu_tiles(kernel, case):
+    """Real GPU tiles (64-128 wide, several per row) on BERT/T5/long shapes, in bf16."""
+    _run(kernel, dtype=BF16, **case)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_fully_masked_rows_give_zeros(kernel):
     q = randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
@@ -229,22 +243,23 @@ def test_dropout_mask_matches_kernel_and_rate(kernel):
 
 
 def test_float64_runs_on_reference_and_refuses_kernels():
-    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, device=DEVICE)
     torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q))
-    with fastlm.use_backend("triton"), pytest.raises(RuntimeError, match="no attention on torch.float64"):
-        attention(q, q, q)
+    for kernel in KERNELS:
+        with fastlm.use_backend(kernel), pytest.raises(RuntimeError, match="no attention on torch.float64"):
+            attention(q, q, q)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_empty_inputs(kernel):
+    empty = torch.randn(0, 2, 5, 16, device=DEVICE)
+    q = torch.randn(1, 2, 3, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 0, 16, device=DEVICE, requires_grad=True)
     with fastlm.use_backend(kernel):
-        assert attention(torch.randn(0, 2, 5, 16), torch.randn(0, 2, 5, 16), torch.randn(0, 2, 5, 16)).shape \
-            == (0, 2, 5, 16)
-        q = torch.randn(1, 2, 3, 16, requires_grad=True)
-        k = torch.randn(1, 2, 0, 16, requires_grad=True)
+        assert attention(empty, empty, empty).shape == (0, 2, 5, 16)
         out = attention(q, k, k)  # no keys at all: zeros
         out.sum().backward()
-    assert torch.equal(out, torch.zeros(1, 2, 3, 16)) and torch.equal(q.grad, torch.zeros_like(q))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
