@@ -41,7 +41,7 @@ struct Block;
 struct Thread;
 
 // A collective of one warp (shuffle, vote, __syncwarp, ldmatrix, mma): every lane in `mask` brings
-// its own Call; the last to arrive runs `complete`, which reads each lane's `in` and writes each
+// its own WarpCall; the last to arrive runs `complete`, which reads each lane's `in` and writes each
 // lane's `out` (both point into the lanes' own stacks, which live on while they wait).
 struct WarpCall {
   void (*complete)(Thread* const* lanes, unsigned mask) = nullptr;
@@ -58,7 +58,6 @@ struct WarpCall {
 struct AsyncCopy {
   void* dst;
   unsigned char data[16];
-  int bytes;
   unsigned group;
 };
 
@@ -166,7 +165,7 @@ inline void retire_copies(Thread& t, unsigned keep_groups) {
   size_t kept = 0;
   for (const AsyncCopy& c : t.copies) {
     if (c.group + keep_groups < t.open_group) {
-      std::memcpy(c.dst, c.data, static_cast<size_t>(c.bytes));
+      std::memcpy(c.dst, c.data, sizeof c.data);
     } else {
       t.copies[kept++] = c;
     }
