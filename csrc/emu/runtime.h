@@ -301,11 +301,14 @@ inline std::string deadlock_report(Thread* const* threads, unsigned n) {
     ++shown;
   }
   unsigned at_sync = 0, exited = 0;
+  std::string waiting;
   for (unsigned i = 0; i < n; ++i) {
-    at_sync += threads[i]->state == State::at_syncthreads;
     exited += threads[i]->state == State::exited;
+    if (threads[i]->state != State::at_syncthreads) continue;
+    if (at_sync++ < 4) waiting += " " + dim_str(threads[i]->idx);
   }
-  return msg + " " + std::to_string(at_sync) + " threads wait in __syncthreads, " +
+  if (at_sync > 4) waiting += " ...";
+  return msg + " " + std::to_string(at_sync) + " threads wait in __syncthreads" + waiting + "; " +
          std::to_string(exited) + " have exited";
 }
 
