@@ -1,5 +1,5 @@
 // The emulated execution model: a launch runs its grid synchronously on the calling OS thread,
-// one block after another; the threads of a block are fibers that run concurrently, interleaved
+// one block after another (in a scrambled order); the threads of a block are fibers that run concurrently, interleaved
 // at every barrier (__syncthreads) and warp collective. Each scheduling round runs the ready
 // threads in a fresh pseudo-random order (fixed per block and round, so failures reproduce), so a
 // missing barrier or a wrong shuffle shows up as a wrong result instead of passing by luck.
@@ -16,6 +16,7 @@
 #include <csetjmp>
 #include <cstdio>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -435,18 +436,21 @@ inline void run_grid(const char* kernel, const char* site, const void* key, dim3
   gridDim = grid;
   blockDim = blk;
   block = &b;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        b.linear = (uint64_t{z} * grid.y + y) * grid.x + x;
-        std::memset(smem_ptr, 0xFF, smem);  // poison: reads of unwritten shared memory are NaN
-        dynamic_smem = smem_ptr;
-        if (!run_block(b, p)) {
-          block = nullptr;
-          throw std::runtime_error("fastlm CUDA emulation: " + b.error);
-        }
-      }
+  // Blocks run one after another in a scrambled order (i -> (stride * i + 1) mod count, a
+  // permutation since gcd(stride, count) = 1), so a kernel relying on block order fails too.
+  const uint64_t count = uint64_t{grid.x} * grid.y * grid.z;
+  uint64_t stride = 0x9E3779B97F4A7C15ull % count;
+  while (std::gcd(stride, count) != 1) ++stride;
+  for (uint64_t i = 0; i < count; ++i) {
+    b.linear = static_cast<uint64_t>((static_cast<unsigned __int128>(stride) * i + 1) % count);
+    blockIdx = uint3{static_cast<unsigned>(b.linear % grid.x),
+                     static_cast<unsigned>(b.linear / grid.x % grid.y),
+                     static_cast<unsigned>(b.linear / (uint64_t{grid.x} * grid.y))};
+    std::memset(smem_ptr, 0xFF, smem);  // poison: reads of unwritten shared memory are NaN
+    dynamic_smem = smem_ptr;
+    if (!run_block(b, p)) {
+      block = nullptr;
+      throw std::runtime_error("fastlm CUDA emulation: " + b.error);
     }
   }
   block = nullptr;
