@@ -94,8 +94,9 @@ def _impls(device, causal, rel_pos):
         def run(q, k, v, mask, table):
             bias = _dense_bias(q, k, mask, table, causal, bidirectional)
             with sdpa_kernel(getattr(SDPBackend, backend.upper())):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None,
-                                                      scale=scale)
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, is_causal=causal and bias is None, scale=scale
+                )
 
         return run
 
@@ -142,8 +143,9 @@ def _flex(causal, rel_pos, bidirectional):
                 keep = kv_idx <= q_idx + (Lk - Lq) if causal else kv_idx >= 0
                 return keep & mask[b, kv_idx] if mask is not None else keep
 
-            block_masks[key] = create_block_mask(mask_mod, B if mask is not None else None, None, Lq, Lk,
-                                                 device=q.device)
+            block_masks[key] = create_block_mask(
+                mask_mod, B if mask is not None else None, None, Lq, Lk, device=q.device
+            )
         score_mod = None
         if table is not None:
             bucket = RelativePositionBias(table, bidirectional).diagonal_buckets(Lq, Lk)  # (Lq + Lk - 1,)
@@ -151,8 +153,7 @@ def _flex(causal, rel_pos, bidirectional):
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + table[bucket[kv_idx - q_idx + Lq - 1], h]
 
-        return flex(q, k, v, score_mod=score_mod, block_mask=block_masks.get(key),
-                    scale=1.0 if rel_pos else None)
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_masks.get(key), scale=1.0 if rel_pos else None)
 
     return run
 
@@ -166,8 +167,9 @@ def _hf_t5(causal):
     def run(q, k, v, mask, table):
         B, H, Lq, D = q.shape
         if H not in modules:
-            config = T5Config(d_model=H * D, d_kv=D, num_heads=H, relative_attention_num_buckets=table.shape[0],
-                              is_decoder=causal)
+            config = T5Config(
+                d_model=H * D, d_kv=D, num_heads=H, relative_attention_num_buckets=table.shape[0], is_decoder=causal
+            )
             modules[H] = T5Attention(config, has_relative_attention_bias=True).to(q.device)
         module = modules[H]
         module.relative_attention_bias._parameters["weight"] = table  # the benchmark's leaf: its grad is timed
