@@ -182,12 +182,15 @@ def _hf_t5(causal):
 
 
 def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
-    """Run each implementation forward+backward on a tiny version of the case; move failures to absent."""
+    """Run each peer that may refuse a case (SDPA's backends, FlexAttention, flash-attn) forward+backward on a
+    tiny version of it; move refusals to absent."""
     B, H, L = 2, 2, 64
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.arange(L, device=device)[None, :] < torch.tensor([[L // 2], [L]], device=device) if pad else None
     table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
     for name, fn in list(impls.items()):
+        if name.startswith(("fastlm", "torch", "hf")):
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA explains its refusals as warnings, then raises
