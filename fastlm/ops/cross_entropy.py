@@ -32,7 +32,7 @@ IMPLEMENTED = ("triton", "cuda", "cuda_emu", "cpu", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 # Bytes of one chunk's fp32-sized logits in linear_cross_entropy (the logits and their gradient each take
 # about this much): large on a GPU so the GEMMs stay efficient, small on the CPU so memory stays low.
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 16 * 2**20}
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
 
 
 # --------------------------------------------------------------------------- reference
@@ -275,7 +275,8 @@ def _check_labels(fn, labels, rows_shape, ref, v, ignore_index):
         )
     if labels.device != ref.device:
         raise ValueError(f"{fn}: labels are on {labels.device} but the inputs are on {ref.device}")
-    if labels.device.type == "cpu" and labels.numel():  # on a GPU, the kernels give such rows a NaN loss
+    # Checked on the CPU in eager mode; elsewhere the kernels give such rows a NaN loss.
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
         if bool(bad.any()):
             first = int(bad.reshape(-1).nonzero()[0])
