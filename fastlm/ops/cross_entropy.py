@@ -226,14 +226,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if capacity is not None:  # more labelled rows than capacity: NaN, found without a host sync
             loss = loss + torch.where(count > idx.numel(), float("nan"), 0.0)
         ctx.save_for_backward(h, weight, bias, idx, yc, dh, dw, db)
-        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.meta = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
         ctx.options, ctx.reduction = options, reduction
         return loss
 
     @staticmethod
     def backward(ctx, g):
         h, weight, bias, idx, yc, dh, dw, db = ctx.saved_tensors
-        shape, h_dtype, w_dtype, b_dtype = ctx.meta
+        shape, w_dtype, b_dtype = ctx.meta
         if ctx.reduction == "none":
             scale = g.reshape(-1).float().index_select(0, idx).contiguous()  # (M,)
             need = tuple(ctx.needs_input_grad[:3])
