@@ -179,8 +179,7 @@ def _linear_ce_chunks(h, weight, bias, idx, yc, scale, options, need):
     compute_grad = any(need)
     loss = torch.empty(m, dtype=torch.float32, device=h.device)
     dh = torch.zeros((rows, d), dtype=h.dtype, device=h.device) if need[0] else None
-    dw = torch.zeros((v, d), dtype=torch.float32, device=h.device) if need[1] else None
-    db = torch.zeros(v, dtype=torch.float32, device=h.device) if need[2] else None
+    dw = db = None  # fp32; the first chunk's product initialises them (no zero-filled (V, D) pass)
     step = _chunk_rows(v, h.device)
     for start in range(0, m, step):
         sel = idx[start : start + step]  # (c,)
@@ -194,12 +193,18 @@ def _linear_ce_chunks(h, weight, bias, idx, yc, scale, options, need):
         if need[0]:
             dh.index_copy_(0, sel, dlogits @ weight)  # (c, D)
         if need[1]:
-            if dlogits.dtype == torch.float32:
+            if dw is None:
+                dw = (dlogits.t() @ hc).float()  # (V, D)
+            elif dlogits.dtype == torch.float32:
                 dw.addmm_(dlogits.t(), hc)
             else:
-                dw += dlogits.t() @ hc  # (V, D), fp32 accumulation across chunks
+                dw += dlogits.t() @ hc  # fp32 accumulation across chunks
         if need[2]:
-            db += dlogits.sum(0, dtype=torch.float32)
+            db = dlogits.sum(0, dtype=torch.float32) if db is None else db.add_(dlogits.sum(0, dtype=torch.float32))
+    if need[1] and dw is None:  # no labelled rows
+        dw = torch.zeros((v, d), dtype=torch.float32, device=h.device)
+    if need[2] and db is None:
+        db = torch.zeros(v, dtype=torch.float32, device=h.device)
     return loss, dh, dw, db
 
 
