@@ -1,0 +1,127 @@
+// Glue for fused attention: checks, output allocation, the params struct, the kernel call. Same
+// signature as the Triton launchers (kernels/attention.py); the Python side (fastlm/ops/attention.py)
+// validates first, and routes to this backend only what the kernels implement, which is checked here
+// again before any launch.
+#include "cuda/attention.h"
+
+#include "glue.h"
+
+namespace fastlm {
+namespace {
+
+constexpr const char* kFwd = "attention_fwd";
+
+// `t` as the kernels read it: unit stride along D, other strides multiples of 8 elements, 16-byte
+// aligned data (views of a fused QKV projection usually qualify; anything else is copied).
+at::Tensor rows_of_16_bytes(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, L, D), got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape (B, Hkv, Lk, D), got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k and v must have shape (B=", q.size(0),
+              ", Hkv, Lk, D=", q.size(3), "), got ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads Hq=", q.size(1),
+              " must be a multiple of k/v heads Hkv=", k.size(1));
+  FASTLM_CHECK_SAME_DEVICE(op, k, "k", q);
+  FASTLM_CHECK_SAME_DEVICE(op, v, "v", q);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": the CUDA attention kernels take float16 or bfloat16 (tensor cores), got ", q.scalar_type());
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": the CUDA attention kernels take head dim 32, 64 or 128, got ",
+              D, " (q ", q.sizes(), ")");
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": B * Hq must be at most 65535, got ", q.size(0) * q.size(1));
+}
+
+void check_unsupported(const char* op, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& table,
+                       double dropout_p) {
+  TORCH_CHECK(!bias.has_value(), op, ": attn_bias is not implemented by the CUDA attention kernels "
+              "(use the triton or reference backend)");
+  TORCH_CHECK(!table.has_value(), op, ": rel_pos is not implemented by the CUDA attention kernels "
+              "(use the triton or reference backend)");
+  TORCH_CHECK(dropout_p == 0.0, op, ": dropout is not implemented by the CUDA attention kernels "
+              "(use the triton or reference backend), got dropout_p=", dropout_p);
+}
+
+void set_mask(AttentionParams& p, const c10::optional<at::Tensor>& mask, const at::Tensor& q, const char* op) {
+  if (!mask.has_value()) return;
+  FASTLM_CHECK_SAME_DEVICE(op, *mask, "key_padding_mask", q);
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == p.B && mask->size(1) == p.Lk,
+              op, ": key_padding_mask must be a bool (B, Lk) = (", p.B, ", ", p.Lk, ") tensor, got ",
+              mask->scalar_type(), " ", mask->sizes());
+  p.mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+  p.mask_stride[0] = mask->stride(0);
+  p.mask_stride[1] = mask->stride(1);
+}
+
+void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
+}
+
+void run_fwd(const AttentionParams& p, const at::Tensor& q) {
+#if defined(FASTLM_HAS_CUDA_KERNELS)
+  if (on_kernel_device(q)) {
+    check_launch(launch_attention_fwd(p, current_stream()), "attention forward kernel launch");
+    return;
+  }
+#endif
+  TORCH_CHECK(false, kFwd, ": this build of fastlm has no attention kernels for ", q.device());
+}
+
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+                                      const c10::optional<at::Tensor>& table,
+                                      const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
+                                      double scale, double dropout_p) {
+  (void)bucket;
+  (void)seed;
+  check_qkv(kFwd, q_in, k_in, v_in);
+  check_unsupported(kFwd, bias, table, dropout_p);
+  const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
+  AttentionParams p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.head_dim = static_cast<int>(q.size(3));
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = dtype_of(q, kFwd, "q");
+  set_mask(p, mask, q, kFwd);
+
+  at::Tensor o = new_output({p.B, p.Hq, p.Lq, p.head_dim}, q.options());
+  at::Tensor lse = new_output({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  if (p.Lk == 0) return {o.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};  // no key: zeros
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(p.q_stride, q);
+  set_strides(p.k_stride, k);
+  set_strides(p.v_stride, v);
+  set_strides(p.o_stride, o);
+  run_fwd(p, q);
+  return {o, lse};
+}
+
+}  // namespace
+
+void bind_attention(pybind11::module_& m) {
+  m.def("attention_fwd", &attention_fwd,
+        "Fused attention forward (fp16/bf16, head dim 32/64/128): returns [o (B, Hq, Lq, D), lse (B, Hq, Lq) fp32]",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),
+        pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
+        pybind11::arg("scale"), pybind11::arg("dropout_p"));
+}
+
+}  // namespace fastlm
