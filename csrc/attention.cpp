@@ -10,6 +10,7 @@ namespace fastlm {
 namespace {
 
 constexpr const char* kFwd = "attention_fwd";
+constexpr const char* kBwd = "attention_bwd";
 
 // `t` as the kernels read it: unit stride along D, other strides multiples of 8 elements, 16-byte
 // aligned data (views of a fused QKV projection usually qualify; anything else is copied).
@@ -75,6 +76,38 @@ void run_fwd(const AttentionParams& p, const at::Tensor& q) {
   TORCH_CHECK(false, kFwd, ": this build of fastlm has no attention kernels for ", q.device());
 }
 
+void run_bwd(const AttentionParams& p, const at::Tensor& q) {
+#if defined(FASTLM_HAS_CUDA_KERNELS)
+  if (on_kernel_device(q)) {
+    check_launch(launch_attention_bwd(p, current_stream()), "attention backward kernel launch");
+    return;
+  }
+#endif
+  TORCH_CHECK(false, kBwd, ": this build of fastlm has no attention kernels for ", q.device());
+}
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask, bool causal, double scale, const char* op) {
+  AttentionParams p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.head_dim = static_cast<int>(q.size(3));
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = dtype_of(q, op, "q");
+  set_mask(p, mask, q, op);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(p.q_stride, q);
+  set_strides(p.k_stride, k);
+  set_strides(p.v_stride, v);
+  return p;
+}
+
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
                                       const c10::optional<at::Tensor>& table,
@@ -85,33 +118,64 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
   check_qkv(kFwd, q_in, k_in, v_in);
   check_unsupported(kFwd, bias, table, dropout_p);
   const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
-  AttentionParams p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Lq = q.size(2);
-  p.head_dim = static_cast<int>(q.size(3));
-  p.Hkv = k.size(1);
-  p.Lk = k.size(2);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.dtype = dtype_of(q, kFwd, "q");
-  set_mask(p, mask, q, kFwd);
-
+  AttentionParams p = make_params(q, k, v, mask, causal, scale, kFwd);
   at::Tensor o = new_output({p.B, p.Hq, p.Lq, p.head_dim}, q.options());
   at::Tensor lse = new_output({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   if (o.numel() == 0) return {o, lse};
   if (p.Lk == 0) return {o.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};  // no key: zeros
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
-  set_strides(p.q_stride, q);
-  set_strides(p.k_stride, k);
-  set_strides(p.v_stride, v);
   set_strides(p.o_stride, o);
   run_fwd(p, q);
   return {o, lse};
+}
+
+std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                      const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
+                                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+                                      const c10::optional<at::Tensor>& table,
+                                      const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
+                                      double scale, double dropout_p, bool need_dbias, bool need_dtable) {
+  (void)bucket;
+  (void)seed;
+  check_qkv(kBwd, q_in, k_in, v_in);
+  check_unsupported(kBwd, bias, table, dropout_p);
+  TORCH_CHECK(!need_dbias && !need_dtable, kBwd, ": the CUDA attention kernels compute no attn_bias / rel_pos gradient");
+  for (const auto& [t, name] : {std::pair{&do_in, "do"}, std::pair{&o_in, "o"}}) {
+    TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type(), kBwd, ": ", name,
+                " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), ", got ", t->sizes(), " ",
+                t->scalar_type());
+    FASTLM_CHECK_SAME_DEVICE(kBwd, *t, name, q_in);
+  }
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == q_in.sizes().slice(0, 3), kBwd,
+              ": lse must be float32 (B, Hq, Lq) = ", q_in.sizes().slice(0, 3), ", got ", lse_in.scalar_type(), " ",
+              lse_in.sizes());
+  FASTLM_CHECK_SAME_DEVICE(kBwd, lse_in, "lse", q_in);
+  const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
+  const at::Tensor dout = rows_of_16_bytes(do_in), o = rows_of_16_bytes(o_in), lse = lse_in.contiguous();
+  AttentionParams p = make_params(q, k, v, mask, causal, scale, kBwd);
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor none = at::empty({0}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), none, none};
+  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor lse_log2 = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  p.o = const_cast<void*>(o.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.lse_log2 = lse_log2.data_ptr<float>();
+  set_strides(p.o_stride, o);
+  set_strides(p.do_stride, dout);
+  set_strides(p.dq_stride, dq);
+  set_strides(p.dk_stride, dk);
+  set_strides(p.dv_stride, dv);
+  run_bwd(p, q);
+  return {dq, dk, dv, none, none};
 }
 
 }  // namespace
@@ -122,6 +186,12 @@ void bind_attention(pybind11::module_& m) {
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),
         pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
         pybind11::arg("scale"), pybind11::arg("dropout_p"));
+  m.def("attention_bwd", &attention_bwd,
+        "Fused attention backward (deterministic): returns [dq, dk, dv, dbias (empty), dtable (empty)]",
+        pybind11::arg("do"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
+        pybind11::arg("lse"), pybind11::arg("bias"), pybind11::arg("mask"), pybind11::arg("table"),
+        pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("dropout_p"), pybind11::arg("need_dbias"), pybind11::arg("need_dtable"));
 }
 
 }  // namespace fastlm

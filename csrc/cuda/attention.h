@@ -29,13 +29,27 @@ struct AttentionParams {
   int64_t q_stride[3] = {0, 0, 0}, k_stride[3] = {0, 0, 0}, v_stride[3] = {0, 0, 0};  // (b, h, l)
   int64_t o_stride[3] = {0, 0, 0};
   int64_t mask_stride[2] = {0, 0};  // (b, j)
+
+  // backward: o and lse (above) are the forward's; dq, dk, dv have the shapes, dtype and layout rules
+  // of q, k, v; delta and lse_log2 are (B, Hq, Lq) fp32 scratch written by the preprocess kernel
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* delta = nullptr;     // rowsum(dO * O)
+  float* lse_log2 = nullptr;  // lse * log2(e), +inf for rows with no key (their P is 0)
+  int64_t do_stride[3] = {0, 0, 0}, dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
 };
 
 #if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
 // Launchers (attention.cu). Each returns the launch's cudaGetLastError().
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream);
+cudaError_t launch_attention_bwd(const AttentionParams& p, cudaStream_t stream);  // preprocess, dK/dV, dQ
+cudaError_t launch_attention_bwd_preprocess(const AttentionParams& p, cudaStream_t stream);
 template <int D>
 cudaError_t launch_attention_fwd_hdim(const AttentionParams& p, cudaStream_t stream);  // attention_fwd_hdim*.cu
+template <int D>
+cudaError_t launch_attention_bwd_hdim(const AttentionParams& p, cudaStream_t stream);  // attention_bwd_hdim*.cu
 #endif
 
 }  // namespace fastlm

@@ -202,7 +202,7 @@ def _kernels(backend):
     return _ext.C_EMU if backend == "cuda_emu" else _ext.C
 
 
-def _cuda_missing(q, k, v, attn_bias, rel_pos, dropout_p):
+def _cuda_missing(q, attn_bias, rel_pos, dropout_p):
     """None when the CUDA kernels implement this call, else what they lack (it names the op they refuse)."""
     if q.dtype not in CUDA_DTYPES:
         return f"{q.dtype} (CUDA kernels: fp16/bf16)"
@@ -214,8 +214,6 @@ def _cuda_missing(q, k, v, attn_bias, rel_pos, dropout_p):
         return "rel_pos"
     if dropout_p > 0.0:
         return "dropout"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return "gradients (no CUDA backward yet)"
     return None
 
 
@@ -496,7 +494,7 @@ def attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     op = _kernel_op_name(q, attn_bias, rel_pos)
     implemented = IMPLEMENTED if op == "attention" else ("reference",)
-    missing = _cuda_missing(q, k, v, attn_bias, rel_pos, dropout_p) if op == "attention" else None
+    missing = _cuda_missing(q, attn_bias, rel_pos, dropout_p) if op == "attention" else None
     if missing is not None:
         op = f"attention with {missing}"
         implemented = tuple(name for name in implemented if name not in CUDA_BACKENDS)

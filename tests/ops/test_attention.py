@@ -23,7 +23,7 @@ from fastlm.testing import assert_close_to_reference, poisoned_outputs, randn
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AVAILABLE = [name for name in IMPLEMENTED if name != "reference" and name in fastlm.available_backends(DEVICE)]
-# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/128, forward; see _cuda_missing) and
+# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/128; see _cuda_missing) and
 # the emulator runs them slowly: they get the lean covering suite of their own section below.
 KERNELS = [name for name in AVAILABLE if name not in CUDA_BACKENDS]
 CUDA_KERNELS = [name for name in AVAILABLE if name in CUDA_BACKENDS]
@@ -435,7 +435,7 @@ CUDA_FEATURES = [
 @pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
 @pytest.mark.parametrize("feature", CUDA_FEATURES)
 def test_cuda_features(kernel, feature, dtype):
-    _run(kernel, dtype=dtype, backward=False, **FEATURES[feature])
+    _run(kernel, dtype=dtype, **FEATURES[feature])
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
@@ -489,7 +489,6 @@ CUDA_REFUSED = [
     ("attn_bias", lambda q, k, v: attention(q, k, v, attn_bias=torch.zeros(7, 9, dtype=FP16)), "attn_bias"),
     ("rel_pos", lambda q, k, v: attention(q, k, v, rel_pos=RelativePositionBias(torch.zeros(8, 2))), "rel_pos"),
     ("dropout", lambda q, k, v: attention(q, k, v, dropout_p=0.1), "dropout"),
-    ("gradients", lambda q, k, v: attention(q.requires_grad_(), k, v), "gradients"),
 ]
 
 
