@@ -439,16 +439,51 @@ def test_cuda_features(kernel, feature, dtype):
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
-@pytest.mark.parametrize("Lq, Lk", [(1, 1), (1, 130), (130, 1), (17, 64), (65, 17)])
+@pytest.mark.parametrize("Lq, Lk", [(1, 1), (1, 130), (130, 1), (17, 64), (65, 17), (97, 130)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_lengths(kernel, Lq, Lk, causal):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1, backward=False)
+    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1)
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("D, dtype", [(32, BF16), (64, FP16), (64, BF16), (128, FP16), (128, BF16)], ids=str)
 def test_cuda_head_dims(kernel, D, dtype):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D == 64, scale=0.3, dtype=dtype, backward=False)
+    _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D == 64, scale=0.3, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_long_gqa_and_deterministic_backward(kernel):
+    """Several query and key blocks, a GQA group of 4 summed inside the dK/dV kernel; bit-identical reruns."""
+    _run(kernel, B=1, Hq=4, Hkv=1, Lq=130, Lk=130, D=64, dtype=BF16, causal=True, pad="right")
+    torch.manual_seed(0)
+    q, k, v = (randn(1, H, 130, 64, dtype=BF16, device=DEVICE, requires_grad=True) for H in (4, 1, 1))
+    do = randn(1, 4, 130, 64, dtype=BF16, device=DEVICE)
+    with fastlm.use_backend(kernel):
+        first = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), do)
+        second = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_strided_views_and_masked_row_grads(kernel):
+    """Gradients through (B, H, L, D) views of a fused QKV projection; rows with no key get zero gradients."""
+    qkv = randn(2, 19, 3, 2, 32, dtype=FP16, device=DEVICE, requires_grad=True)  # (B, L, 3, H, D)
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    do = randn(2, 2, 19, 32, dtype=FP16, device=DEVICE)
+
+    def grads(backend, x):
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), non-contiguous views
+        with fastlm.use_backend(backend), poisoned_outputs():
+            out = attention(q, k, v, key_padding_mask=mask, causal=True)
+        return out, torch.autograd.grad(out, x, do)[0]
+
+    out, dqkv = grads(kernel, qkv)
+    oracle, oracle_dqkv = grads("reference", qkv.detach().double().requires_grad_())
+    base, base_dqkv = grads("reference", qkv)
+    assert_close_to_reference(out, oracle, base, name="out")
+    assert_close_to_reference(dqkv, oracle_dqkv, base_dqkv, factor=3.0, name="dqkv")
+    assert torch.equal(dqkv[1], torch.zeros_like(dqkv[1]))
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
