@@ -161,8 +161,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), none, none};
   at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   at::Tensor lse_log2 = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  p.o = const_cast<void*>(o.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

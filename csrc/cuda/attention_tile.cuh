@@ -130,7 +130,7 @@ __device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0,
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const uint32_t pair = pack2<T>(acc[dt][2 * r] * s, acc[dt][2 * r + 1] * s);
-      memcpy(out + row * stride + dt * 8 + 2 * t, &pair, 4);
+      memcpy(static_cast<void*>(out + row * stride + dt * 8 + 2 * t), &pair, 4);
     }
   }
 }
