@@ -38,6 +38,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   const int64_t D = q.size(3);
   TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": the CUDA attention kernels take head dim 32, 64 or 128, got ",
               D, " (q ", q.sizes(), ")");
+  TORCH_CHECK(attention_head_dim_built(D), op, ": head dim ", D, " was left out of this build (FASTLM_ATTN_HDIMS)");
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": B * Hq must be at most 65535, got ", q.size(0) * q.size(1));
 }
 

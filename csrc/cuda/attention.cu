@@ -38,12 +38,18 @@ cudaError_t launch_attention_bwd_preprocess(const AttentionParams& p, cudaStream
 
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
+#if !defined(FASTLM_ATTN_NO_HDIM32)
     case 32:
       return launch_attention_fwd_hdim<32>(p, stream);
+#endif
+#if !defined(FASTLM_ATTN_NO_HDIM64)
     case 64:
       return launch_attention_fwd_hdim<64>(p, stream);
+#endif
+#if !defined(FASTLM_ATTN_NO_HDIM128)
     case 128:
       return launch_attention_fwd_hdim<128>(p, stream);
+#endif
     default:
       return cudaErrorInvalidValue;
   }
@@ -52,12 +58,18 @@ cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) 
 cudaError_t launch_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
   if (const cudaError_t err = launch_attention_bwd_preprocess(p, stream); err != cudaSuccess) return err;
   switch (p.head_dim) {
+#if !defined(FASTLM_ATTN_NO_HDIM32)
     case 32:
       return launch_attention_bwd_hdim<32>(p, stream);
+#endif
+#if !defined(FASTLM_ATTN_NO_HDIM64)
     case 64:
       return launch_attention_bwd_hdim<64>(p, stream);
+#endif
+#if !defined(FASTLM_ATTN_NO_HDIM128)
     case 128:
       return launch_attention_bwd_hdim<128>(p, stream);
+#endif
     default:
       return cudaErrorInvalidValue;
   }

@@ -41,6 +41,21 @@ struct AttentionParams {
   int64_t do_stride[3] = {0, 0, 0}, dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
 };
 
+// Whether this build has kernels for head dim D (setup.py's FASTLM_ATTN_HDIMS drops some for a quick
+// developer build, defining FASTLM_ATTN_NO_HDIM<D>).
+constexpr bool attention_head_dim_built(int64_t D) {
+#if defined(FASTLM_ATTN_NO_HDIM32)
+  if (D == 32) return false;
+#endif
+#if defined(FASTLM_ATTN_NO_HDIM64)
+  if (D == 64) return false;
+#endif
+#if defined(FASTLM_ATTN_NO_HDIM128)
+  if (D == 128) return false;
+#endif
+  return D == 32 || D == 64 || D == 128;
+}
+
 #if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
 // Launchers (attention.cu). Each returns the launch's cudaGetLastError().
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream);
