@@ -9,6 +9,8 @@ Knobs (environment variables):
                          `make` sets 1). Needs the CUDA headers (CUDA_HOME), not a GPU or nvcc.
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
   FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
+  FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default "32;64;128"
+                         (e.g. FASTLM_ATTN_HDIMS=64 for a quick developer build; the others are refused)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
                          says why the extension is missing)
@@ -38,6 +40,30 @@ def _sources(folder, pattern):
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
 
 
+ATTN_HDIMS = (32, 64, 128)
+
+
+def _attn_dropped_hdims():
+    """The attention head dims FASTLM_ATTN_HDIMS leaves out (their attention_*_hdim<D>.cu are not built)."""
+    value = os.environ.get("FASTLM_ATTN_HDIMS")
+    if not value:
+        return ()
+    kept = {d.strip() for d in value.split(";") if d.strip()}
+    if not kept <= {str(d) for d in ATTN_HDIMS}:
+        raise SystemExit(f"FASTLM_ATTN_HDIMS entries must be among {ATTN_HDIMS}, got {value!r}")
+    return tuple(d for d in ATTN_HDIMS if str(d) not in kept)
+
+
+def _cuda_sources():
+    """csrc/cuda/*.cu less the attention instantiations of the head dims FASTLM_ATTN_HDIMS drops."""
+    dropped = {f"attention_{part}_hdim{d}.cu" for d in _attn_dropped_hdims() for part in ("fwd", "bwd")}
+    return [s for s in _sources("csrc/cuda", "*.cu") if Path(s).name not in dropped]
+
+
+def _cuda_defines():
+    return [(f"FASTLM_ATTN_NO_HDIM{d}", None) for d in _attn_dropped_hdims()]
+
+
 def _gencode_flags():
     archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90")
     flags = []
@@ -65,8 +91,8 @@ def _emu_extension(cpp_extension, cxx_flags, include_dirs, optional):
     generated = ROOT / "build" / "emu_sources"
     generated.mkdir(parents=True, exist_ok=True)
     sources = _sources("csrc/emu", "*.cpp")
-    for prefix, folder, pattern in (("glue", "csrc", "*.cpp"), ("cuda", "csrc/cuda", "*.cu")):
-        for path in sorted((ROOT / folder).glob(pattern)):
+    for prefix, paths in (("glue", _sources("csrc", "*.cpp")), ("cuda", _cuda_sources())):
+        for path in map(ROOT.joinpath, paths):
             wrapper = generated / f"{prefix}_{path.stem}.cpp"
             text = f'#include "{path.relative_to(ROOT / "csrc")}"\n'
             if not wrapper.exists() or wrapper.read_text() != text:
@@ -76,7 +102,7 @@ def _emu_extension(cpp_extension, cxx_flags, include_dirs, optional):
         "fastlm._C_emu",
         sources,
         include_dirs=[*include_dirs, str(cuda_include)],
-        define_macros=[("FASTLM_EMU", None)],
+        define_macros=[("FASTLM_EMU", None), *_cuda_defines()],
         extra_compile_args={"cxx": [*cxx_flags, "-Wno-unknown-pragmas"]},
         optional=optional,
     )
@@ -104,9 +130,9 @@ def _extensions():
         return [
             cpp_extension.CUDAExtension(
                 "fastlm._C",
-                sources + _sources("csrc/cuda", "*.cu"),
+                sources + _cuda_sources(),
                 include_dirs=include_dirs,
-                define_macros=[("FASTLM_WITH_CUDA", None)],
+                define_macros=[("FASTLM_WITH_CUDA", None), *_cuda_defines()],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                 optional=optional,
             ),

@@ -3,6 +3,7 @@
 #include "glue.h"
 
 namespace fastlm {
+void bind_attention(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
 void bind_norms(pybind11::module_& m);
 }
@@ -20,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "NaN-fill every kernel output before the kernel runs (testing)");
   fastlm::bind_norms(m);
   fastlm::bind_cross_entropy(m);
+  fastlm::bind_attention(m);
 }

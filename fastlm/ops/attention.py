@@ -14,15 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _ext
 from ._library import kernel_op, select_backend
 
-__all__ = ["RelativePositionBias", "attention", "attention_reference", "dropout_keep_mask",
-           "relative_position_bucket"]
+__all__ = ["RelativePositionBias", "attention", "attention_reference", "dropout_keep_mask", "relative_position_bucket"]
 
 
 # ----------------------------------------------------------------------------------------------
 # T5 relative position bias
 # ----------------------------------------------------------------------------------------------
+
 
 def relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
     """T5's bucket of each relative position (key position minus query position), as in HF T5.
@@ -114,8 +115,20 @@ def dropout_keep_mask(seed, shape, dropout_p, device=None):
 # Reference
 # ----------------------------------------------------------------------------------------------
 
-def attention_reference(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, rel_pos=None,
-                        dropout_p=0.0, dropout_mask=None, scale=None):
+
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    attn_bias=None,
+    rel_pos=None,
+    dropout_p=0.0,
+    dropout_mask=None,
+    scale=None,
+):
     """Plain PyTorch attention in the dtype of q (pass fp64 tensors for the oracle).
 
     Same arguments and conventions as ``attention``; dropout needs ``dropout_mask`` (B, Hq, Lq, Lk)
@@ -171,15 +184,37 @@ def _reference_lse(q, k, *, causal, key_padding_mask, attn_bias, rel_pos, scale)
 # ----------------------------------------------------------------------------------------------
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLEMENTED = ("triton", "reference")
+IMPLEMENTED = ("triton", "cuda", "cuda_emu", "reference")
 MAX_KERNEL_HEAD_DIM = 256
+# The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu): tensor cores take fp16/bf16;
+# what they lack (below) is refused by routing such calls away from `cuda` / `cuda_emu`.
+CUDA_BACKENDS = ("cuda", "cuda_emu")
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (32, 64, 128)
 
 
 def _kernels(backend):
     """The module holding `attention_fwd` / `attention_bwd` for `backend` (same signatures everywhere)."""
-    from ..kernels import attention
+    if backend == "triton":
+        from ..kernels import attention
 
-    return attention
+        return attention
+    return _ext.C_EMU if backend == "cuda_emu" else _ext.C
+
+
+def _cuda_missing(q, attn_bias, rel_pos, dropout_p):
+    """None when the CUDA kernels implement this call, else what they lack (it names the op they refuse)."""
+    if q.dtype not in CUDA_DTYPES:
+        return f"{q.dtype} (CUDA kernels: fp16/bf16)"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))})"
+    if attn_bias is not None:
+        return "attn_bias"
+    if rel_pos is not None:
+        return "rel_pos"
+    if dropout_p > 0.0:
+        return "dropout"
+    return None
 
 
 def _fwd_fake(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p, backend):
@@ -206,12 +241,12 @@ def _attention_fwd(
     expanded view, zero strides allowed) or None; mask (B, Lk) bool or None; table (num_buckets, Hq) with
     bucket (Lq + Lk - 1,) int32 or None; seed (1,) int64 CPU. Returns o (B, Hq, Lq, D) in q's dtype and
     lse (B, Hq, Lq) fp32."""
-    return tuple(_kernels(backend).attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale,
-                                                 dropout_p))
+    return tuple(_kernels(backend).attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p))
 
 
-def _bwd_fake(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias,
-              need_dtable, backend):
+def _bwd_fake(
+    do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias, need_dtable, backend
+):
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
     return (
@@ -246,13 +281,17 @@ def _attention_bwd(
     """Backward kernels. Arguments as the forward, plus do (B, Hq, Lq, D) and forward's o and lse.
     Returns dq, dk, dv (shapes and dtypes of q, k, v); dbias (B, Hq, Lq, Lk) fp32, the gradient of the
     expanded bias, when need_dbias; dtable (num_buckets, Hq) fp32 when need_dtable; empty otherwise."""
-    return tuple(_kernels(backend).attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal,
-                                                 scale, dropout_p, need_dbias, need_dtable))
+    return tuple(
+        _kernels(backend).attention_bwd(
+            do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias, need_dtable
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd.Function
 # ----------------------------------------------------------------------------------------------
+
 
 def _reduce_to(grad, shape):
     """Sum a (B, Hq, Lq, Lk) gradient over the dims that ``shape`` broadcasts, back to ``shape``."""
@@ -284,8 +323,25 @@ class _AttentionFunction(torch.autograd.Function):
         bias = None if attn_bias is None else attn_bias.expand(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
         need_dbias = attn_bias is not None and ctx.needs_input_grad[3]
         need_dtable = table is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, dtable = _attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed,
-                                                   causal, scale, dropout_p, need_dbias, need_dtable, backend)
+        dq, dk, dv, dbias, dtable = _attention_bwd(
+            do,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            bias,
+            mask,
+            table,
+            bucket,
+            seed,
+            causal,
+            scale,
+            dropout_p,
+            need_dbias,
+            need_dtable,
+            backend,
+        )
         dbias = _reduce_to(dbias, attn_bias.shape).to(attn_bias.dtype) if need_dbias else None
         dtable = dtable.to(table.dtype) if need_dtable else None
         return dq, dk, dv, dbias, dtable, None, None, None, None, None, None, None
@@ -294,6 +350,7 @@ class _AttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
+
 
 def _describe(t):
     if not isinstance(t, torch.Tensor):
@@ -316,53 +373,72 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
             raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
     B, Hq, Lq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape (B, Hkv, Lk, D), got "
-                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+        raise ValueError(
+            f"attention: k and v must have the same shape (B, Hkv, Lk, D), got "
+            f"k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     if k.shape[0] != B:
-        raise ValueError(f"attention: k batch size {k.shape[0]} differs from q batch size {B} "
-                         f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
+        raise ValueError(
+            f"attention: k batch size {k.shape[0]} differs from q batch size {B} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
     if k.shape[3] != D:
-        raise ValueError(f"attention: head dims differ: q has D={D} (shape {tuple(q.shape)}), k and v "
-                         f"have D={k.shape[3]} (shape {tuple(k.shape)})")
+        raise ValueError(
+            f"attention: head dims differ: q has D={D} (shape {tuple(q.shape)}), k and v "
+            f"have D={k.shape[3]} (shape {tuple(k.shape)})"
+        )
     Hkv, Lk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"attention: q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} "
-                         f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
+        raise ValueError(
+            f"attention: q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"attention: key_padding_mask must be a bool tensor (B, Lk) = ({B}, {Lk}), "
-                            f"got {_describe(key_padding_mask)}")
+            raise TypeError(
+                f"attention: key_padding_mask must be a bool tensor (B, Lk) = ({B}, {Lk}), "
+                f"got {_describe(key_padding_mask)}"
+            )
         if tuple(key_padding_mask.shape) != (B, Lk):
-            raise ValueError(f"attention: key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"attention: key_padding_mask must have shape (B, Lk) = ({B}, {Lk}), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on "
-                             f"{q.device}")
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     full = (B, Hq, Lq, Lk)
     if attn_bias is not None:
         if not isinstance(attn_bias, torch.Tensor) or not attn_bias.is_floating_point():
-            raise TypeError(f"attention: attn_bias must be a floating-point tensor broadcastable to "
-                            f"(B, Hq, Lq, Lk) = {full}, got {_describe(attn_bias)}")
+            raise TypeError(
+                f"attention: attn_bias must be a floating-point tensor broadcastable to "
+                f"(B, Hq, Lq, Lk) = {full}, got {_describe(attn_bias)}"
+            )
         shape = tuple(attn_bias.shape)
         if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1], strict=False)):
-            raise ValueError(f"attention: attn_bias of shape {shape} is not broadcastable to "
-                             f"(B, Hq, Lq, Lk) = {full}")
+            raise ValueError(f"attention: attn_bias of shape {shape} is not broadcastable to (B, Hq, Lq, Lk) = {full}")
         if attn_bias.device != q.device:
             raise ValueError(f"attention: attn_bias is on {attn_bias.device} but q is on {q.device}")
     if rel_pos is not None:
         if not isinstance(rel_pos, RelativePositionBias):
-            raise TypeError(f"attention: rel_pos must be a fastlm.RelativePositionBias, got "
-                            f"{type(rel_pos).__name__}")
+            raise TypeError(f"attention: rel_pos must be a fastlm.RelativePositionBias, got {type(rel_pos).__name__}")
         table = rel_pos.table
-        if (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != Hq
-                or not table.is_floating_point()):
-            raise ValueError(f"attention: rel_pos.table must be a floating-point (num_buckets, Hq={Hq}) "
-                             f"tensor, got {_describe(table)}")
+        if (
+            not isinstance(table, torch.Tensor)
+            or table.dim() != 2
+            or table.shape[1] != Hq
+            or not table.is_floating_point()
+        ):
+            raise ValueError(
+                f"attention: rel_pos.table must be a floating-point (num_buckets, Hq={Hq}) "
+                f"tensor, got {_describe(table)}"
+            )
         exact = table.shape[0] // (2 if rel_pos.bidirectional else 1) // 2
         if exact < 1 or rel_pos.max_distance <= exact:
-            raise ValueError(f"attention: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} "
-                             f"and max_distance > its exact buckets ({exact}), got "
-                             f"num_buckets={table.shape[0]}, max_distance={rel_pos.max_distance}")
+            raise ValueError(
+                f"attention: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} "
+                f"and max_distance > its exact buckets ({exact}), got "
+                f"num_buckets={table.shape[0]}, max_distance={rel_pos.max_distance}"
+            )
         if table.device != q.device:
             raise ValueError(f"attention: rel_pos.table is on {table.device} but q is on {q.device}")
     if not 0.0 <= dropout_p < 1.0:
@@ -371,8 +447,7 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
 
 def _kernel_op_name(q, attn_bias, rel_pos):
     """'attention' when the kernels can take these inputs, else a name that says why not."""
-    dtypes = {q.dtype} | {t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table)
-                          if t is not None}
+    dtypes = {q.dtype} | {t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table) if t is not None}
     if not dtypes <= set(KERNEL_DTYPES):
         return f"attention on {', '.join(sorted(map(str, dtypes)))}"
     if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
@@ -380,8 +455,19 @@ def _kernel_op_name(q, attn_bias, rel_pos):
     return "attention"
 
 
-def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, rel_pos=None, dropout_p=0.0,
-              scale=None, return_lse=False):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    attn_bias=None,
+    rel_pos=None,
+    dropout_p=0.0,
+    scale=None,
+    return_lse=False,
+):
     """Fused scaled-dot-product attention for BERT, GPT and T5.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv (GQA/MQA); float32, float16 or
@@ -407,23 +493,39 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, r
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     op = _kernel_op_name(q, attn_bias, rel_pos)
-    backend = select_backend(op, q.device, IMPLEMENTED if op == "attention" else ("reference",))
+    implemented = IMPLEMENTED if op == "attention" else ("reference",)
+    missing = _cuda_missing(q, attn_bias, rel_pos, dropout_p) if op == "attention" else None
+    if missing is not None:
+        op = f"attention with {missing}"
+        implemented = tuple(name for name in implemented if name not in CUDA_BACKENDS)
+    backend = select_backend(op, q.device, implemented)
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
     if backend == "reference":
         keep = None
         if dropout_p > 0.0:
             keep = dropout_keep_mask(int(seed.item()), (B, Hq, Lq, Lk), dropout_p, q.device)
-        o = attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                attn_bias=attn_bias, rel_pos=rel_pos, dropout_p=dropout_p, dropout_mask=keep,
-                                scale=scale)
+        o = attention_reference(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            attn_bias=attn_bias,
+            rel_pos=rel_pos,
+            dropout_p=dropout_p,
+            dropout_mask=keep,
+            scale=scale,
+        )
         if not return_lse:
             return o
-        return o, _reference_lse(q, k, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                                 rel_pos=rel_pos, scale=scale)
+        return o, _reference_lse(
+            q, k, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias, rel_pos=rel_pos, scale=scale
+        )
     table = bucket = None
     if rel_pos is not None:
         table = rel_pos.table
         bucket = rel_pos.diagonal_buckets(Lq, Lk).to(torch.int32)  # (Lq + Lk - 1,)
-    o, lse = _AttentionFunction.apply(q, k, v, attn_bias, table, key_padding_mask, bucket, seed, causal,
-                                      scale, float(dropout_p), backend)
+    o, lse = _AttentionFunction.apply(
+        q, k, v, attn_bias, table, key_padding_mask, bucket, seed, causal, scale, float(dropout_p), backend
+    )
     return (o, lse) if return_lse else o

@@ -6,9 +6,10 @@ from torch import nn
 
 import fastlm
 from fastlm.nn import MultiHeadAttention
-from fastlm.ops.attention import IMPLEMENTED, RelativePositionBias, attention_reference
+from fastlm.ops.attention import CUDA_BACKENDS, IMPLEMENTED, RelativePositionBias, attention_reference
 
-BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends("cpu")]
+# fp32 modules with gradients and T5 bias: more than the CUDA kernels implement (tests/ops/test_attention.py)
+BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends("cpu") and name not in CUDA_BACKENDS]
 
 
 def _torch_mha(module):
@@ -51,8 +52,7 @@ def test_causal_and_cross_attention_match_torch_mha(kernel):
 @pytest.mark.parametrize("kernel", BACKENDS)
 def test_gqa_and_t5_relative_bias(kernel):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(64, 4, num_kv_heads=2, bias=False, scale=1.0, rel_pos_buckets=32,
-                             rel_pos_max_distance=64)
+    mha = MultiHeadAttention(64, 4, num_kv_heads=2, bias=False, scale=1.0, rel_pos_buckets=32, rel_pos_max_distance=64)
     assert mha.in_proj_weight.shape == (64 + 2 * 32, 64)
     x = torch.randn(2, 21, 64)
     with fastlm.use_backend(kernel):

@@ -1,0 +1,70 @@
+// Parameters of the fused attention kernels: plain pointers, sizes and strides, shared by the CUDA
+// launchers (attention*.cu) and the glue (csrc/attention.cpp) that fills them.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+#if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
+#include "runtime.h"
+#endif
+
+namespace fastlm {
+
+// q, o: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D), each with unit stride along D and the other strides
+// (elements) multiples of 8 on 16-byte aligned data, so that rows move in 16-byte cp.async copies.
+// dtype is f16 or bf16; lse is fp32 (B, Hq, Lq) contiguous, natural log, -inf for rows with no key.
+struct AttentionParams {
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0;
+  int head_dim = 0;
+  float scale = 0.f;
+  bool causal = false;  // key j visible to query i iff j <= i + (Lk - Lq)
+  DType dtype = DType::f16;
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+  const uint8_t* mask = nullptr;  // (B, Lk) bool as bytes, 1 = attend, or null
+  int64_t q_stride[3] = {0, 0, 0}, k_stride[3] = {0, 0, 0}, v_stride[3] = {0, 0, 0};  // (b, h, l)
+  int64_t o_stride[3] = {0, 0, 0};
+  int64_t mask_stride[2] = {0, 0};  // (b, j)
+
+  // backward: o and lse (above) are the forward's; dq, dk, dv have the shapes, dtype and layout rules
+  // of q, k, v; delta and lse_log2 are (B, Hq, Lq) fp32 scratch written by the preprocess kernel
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* delta = nullptr;     // rowsum(dO * O)
+  float* lse_log2 = nullptr;  // lse * log2(e), +inf for rows with no key (their P is 0)
+  int64_t do_stride[3] = {0, 0, 0}, dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
+};
+
+// Whether this build has kernels for head dim D (setup.py's FASTLM_ATTN_HDIMS drops some for a quick
+// developer build, defining FASTLM_ATTN_NO_HDIM<D>).
+constexpr bool attention_head_dim_built(int64_t D) {
+#if defined(FASTLM_ATTN_NO_HDIM32)
+  if (D == 32) return false;
+#endif
+#if defined(FASTLM_ATTN_NO_HDIM64)
+  if (D == 64) return false;
+#endif
+#if defined(FASTLM_ATTN_NO_HDIM128)
+  if (D == 128) return false;
+#endif
+  return D == 32 || D == 64 || D == 128;
+}
+
+#if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
+// Launchers (attention.cu). Each returns the launch's cudaGetLastError().
+cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream);
+cudaError_t launch_attention_bwd(const AttentionParams& p, cudaStream_t stream);  // preprocess, dK/dV, dQ
+cudaError_t launch_attention_bwd_preprocess(const AttentionParams& p, cudaStream_t stream);
+template <int D>
+cudaError_t launch_attention_fwd_hdim(const AttentionParams& p, cudaStream_t stream);  // attention_fwd_hdim*.cu
+template <int D>
+cudaError_t launch_attention_bwd_hdim(const AttentionParams& p, cudaStream_t stream);  // attention_bwd_hdim*.cu
+#endif
+
+}  // namespace fastlm

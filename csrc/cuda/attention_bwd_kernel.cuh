@@ -1,0 +1,230 @@
+// The flash-attention backward kernels, deterministic (no atomics): after the preprocess (delta =
+// rowsum(dO * O), in attention.cu), one kernel owns a block of 64 keys and accumulates its dK and dV in
+// registers over every query block of every query head of its GQA group; another owns a block of 64
+// queries and accumulates dQ (fp32 registers) over the key blocks. Both recompute P = exp(S - lse)
+// from the forward's LSE, with S, dP and the gradient products on mma.sync fed by ldmatrix and the
+// streamed tiles double-buffered with cp.async. Included by attention_bwd_hdim*.cu.
+#pragma once
+
+#include "attention_tile.cuh"
+
+namespace fastlm {
+namespace attn {
+
+template <int D>
+struct BwdTile {
+  static constexpr int kKeys = 16 * kWarps;        // dK/dV kernel: keys per block, 16 per warp
+  static constexpr int kSteps = D <= 64 ? 64 : 32;  // dK/dV kernel: queries per streamed Q/dO tile
+  static constexpr int kQueries = 16 * kWarps;     // dQ kernel: queries per block, 16 per warp
+  static constexpr int kKeyStep = D <= 64 ? 64 : 32;  // dQ kernel: keys per streamed K/V tile
+  static constexpr int kDkdvSmem =  // K, V, 2x Q, 2x dO, 2x (lse_log2, delta)
+      (2 * kKeys + 4 * kSteps) * kPitch<D> * 2 + 4 * kSteps * int(sizeof(float));
+  static constexpr int kDqSmem =  // Q, dO, 2x K, 2x V, 2x key bias
+      (2 * kQueries + 4 * kKeyStep) * kPitch<D> * 2 + 2 * kKeyStep * int(sizeof(float));
+};
+
+// dK, dV of keys [n0, n0 + 64) of kv head (b, hkv). Warp w owns keys n0 + 16 w ... + 15 and computes,
+// per streamed tile of queries i: S^T = K Q^T, P^T = exp2(S^T scale log2e - lse_log2[i]) (masked),
+// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta[i]), dK += dS^T Q.
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  constexpr int kKeys = BwdTile<D>::kKeys, kSteps = BwdTile<D>::kSteps, kPitchD = kPitch<D>;
+  FASTLM_DYNAMIC_SHARED(T, smem);
+  T* s_k = smem;                           // (kKeys, kPitchD)
+  T* s_v = s_k + kKeys * kPitchD;          // (kKeys, kPitchD)
+  T* s_q = s_v + kKeys * kPitchD;          // 2 x (kSteps, kPitchD)
+  T* s_do = s_q + 2 * kSteps * kPitchD;    // 2 x (kSteps, kPitchD)
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * kSteps * kPitchD);  // 2 x (kSteps,)
+  float* s_delta = s_lse + 2 * kSteps;                                   // 2 x (kSteps,)
+
+  const int64_t b = blockIdx.y / p.Hkv, hkv = blockIdx.y % p.Hkv, group = p.Hq / p.Hkv;
+  const int64_t n0 = int64_t(blockIdx.x) * kKeys;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+
+  // Causal: query i sees key j iff i >= j - (Lk - Lq); the first query that sees key n0 starts the scan.
+  const int64_t m_first = CAUSAL ? max(int64_t(0), n0 - (p.Lk - p.Lq)) / kSteps : 0;
+  const int64_t m_blocks = (p.Lq + kSteps - 1) / kSteps;
+  const int steps = int(max(int64_t(0), m_blocks - m_first) * group);
+
+  auto load_step = [&](int step, int buf) {
+    const int64_t h = hkv * group + step / (m_blocks - m_first), bh = b * p.Hq + h;
+    const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
+    load_tile<kSteps, D>(s_q + buf * kSteps * kPitchD,
+                         static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], m0, p.Lq);
+    load_tile<kSteps, D>(s_do + buf * kSteps * kPitchD,
+                         static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], m0,
+                         p.Lq);
+    for (int i = threadIdx.x; i < kSteps; i += kThreads) {
+      const bool valid = m0 + i < p.Lq;  // rows past Lq: P = 0
+      s_lse[buf * kSteps + i] = valid ? p.lse_log2[bh * p.Lq + m0 + i] : INFINITY;
+      s_delta[buf * kSteps + i] = valid ? p.delta[bh * p.Lq + m0 + i] : 0.f;
+    }
+  };
+
+  load_tile<kKeys, D>(s_k, k, p.k_stride[2], n0, p.Lk);
+  load_tile<kKeys, D>(s_v, v, p.v_stride[2], n0, p.Lk);
+  if (steps > 0) load_step(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};  // this warp's 16 keys x D
+  const int64_t key[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};
+  const bool kept[2] = {key_kept(p, b, key[0]), key_kept(p, b, key[1])};
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step % 2;
+    if (step + 1 < steps) {
+      load_step(step + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sq = s_q + buf * kSteps * kPitchD;
+    const T* sdo = s_do + buf * kSteps * kPitchD;
+    const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
+
+    float pt[kSteps / 8][4] = {};  // S^T, then P^T: rows = this warp's keys, cols = queries
+    mma_rows_rows<T, D>(pt, s_k + warp * 16 * kPitchD, sq);
+#pragma unroll
+    for (int nt = 0; nt < kSteps / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = nt * 8 + 2 * t + e % 2;
+        bool visible = kept[e / 2];
+        if (CAUSAL) visible = visible && key[e / 2] <= m0 + i + p.Lk - p.Lq;
+        pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
+      }
+    }
+    mma_acc_rows<T, D, kSteps>(dv, pt, sdo);  // dV += P^T dO
+
+    float dst[kSteps / 8][4] = {};  // dP^T = V dO^T, then dS^T
+    mma_rows_rows<T, D>(dst, s_v + warp * 16 * kPitchD, sdo);
+#pragma unroll
+    for (int nt = 0; nt < kSteps / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[buf * kSteps + nt * 8 + 2 * t + e % 2]);
+    }
+    mma_acc_rows<T, D, kSteps>(dk, dst, sq);  // dK += dS^T Q
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  if (steps == 0) cp_async_wait<0>();
+
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
+  store_rows<T, D>(dk_out, p.dk_stride[2], n0 + warp * 16, p.Lk, dk, p.scale, p.scale);
+  store_rows<T, D>(dv_out, p.dv_stride[2], n0 + warp * 16, p.Lk, dv, 1.f, 1.f);
+}
+
+// dQ of queries [m0, m0 + 64) of head (b, h): per streamed K/V tile, S = Q K^T, P = exp2(S scale log2e -
+// lse_log2) (masked), dP = dO V^T, dS = P (dP - delta), dQ += dS K; dQ scaled once at the end.
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
+  constexpr int kQueries = BwdTile<D>::kQueries, kKeyStep = BwdTile<D>::kKeyStep, kPitchD = kPitch<D>;
+  FASTLM_DYNAMIC_SHARED(T, smem);
+  T* s_q = smem;                                 // (kQueries, kPitchD)
+  T* s_do = s_q + kQueries * kPitchD;            // (kQueries, kPitchD)
+  T* s_k = s_do + kQueries * kPitchD;            // 2 x (kKeyStep, kPitchD)
+  T* s_v = s_k + 2 * kKeyStep * kPitchD;         // 2 x (kKeyStep, kPitchD)
+  float* s_kbias = reinterpret_cast<float*>(s_v + 2 * kKeyStep * kPitchD);  // 2 x (kKeyStep,): 0 or -inf
+
+  const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+  const int64_t m0 = int64_t(blockIdx.x) * kQueries;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+
+  int64_t n_end = p.Lk;
+  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + kQueries + p.Lk - p.Lq));
+  const int n_blocks = int((n_end + kKeyStep - 1) / kKeyStep);
+
+  auto load_kv = [&](int n, int buf) {
+    const int64_t j0 = int64_t(n) * kKeyStep;
+    load_tile<kKeyStep, D>(s_k + buf * kKeyStep * kPitchD, k, p.k_stride[2], j0, p.Lk);
+    load_tile<kKeyStep, D>(s_v + buf * kKeyStep * kPitchD, v, p.v_stride[2], j0, p.Lk);
+    for (int j = threadIdx.x; j < kKeyStep; j += kThreads) {
+      s_kbias[buf * kKeyStep + j] = key_kept(p, b, j0 + j) ? 0.f : -INFINITY;
+    }
+  };
+
+  load_tile<kQueries, D>(s_q, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], m0,
+                         p.Lq);
+  load_tile<kQueries, D>(s_do, static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1],
+                         p.do_stride[2], m0, p.Lq);
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  // Per row: lse_log2 and delta; rows past Lq get P = 0.
+  const float lse[2] = {row[0] < p.Lq ? p.lse_log2[bh * p.Lq + row[0]] : INFINITY,
+                        row[1] < p.Lq ? p.lse_log2[bh * p.Lq + row[1]] : INFINITY};
+  const float delta[2] = {row[0] < p.Lq ? p.delta[bh * p.Lq + row[0]] : 0.f,
+                          row[1] < p.Lq ? p.delta[bh * p.Lq + row[1]] : 0.f};
+  float dq[D / 8][4] = {};
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int n = 0; n < n_blocks; ++n) {
+    const int buf = n % 2;
+    if (n + 1 < n_blocks) {
+      load_kv(n + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sk = s_k + buf * kKeyStep * kPitchD;
+    const int64_t j0 = int64_t(n) * kKeyStep;
+
+    float ps[kKeyStep / 8][4] = {};  // S, then P
+    mma_rows_rows<T, D>(ps, s_q + warp * 16 * kPitchD, sk);
+#pragma unroll
+    for (int nt = 0; nt < kKeyStep / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = nt * 8 + 2 * t + e % 2;
+        float x = ps[nt][e] * scale_log2 + s_kbias[buf * kKeyStep + j];
+        if (CAUSAL && j0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
+        ps[nt][e] = exp2f(x - lse[e / 2]);
+      }
+    }
+    float ds[kKeyStep / 8][4] = {};  // dP = dO V^T, then dS
+    mma_rows_rows<T, D>(ds, s_do + warp * 16 * kPitchD, s_v + buf * kKeyStep * kPitchD);
+#pragma unroll
+    for (int nt = 0; nt < kKeyStep / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[nt][e] = ps[nt][e] * (ds[nt][e] - delta[e / 2]);
+    }
+    mma_acc_rows<T, D, kKeyStep>(dq, ds, sk);  // dQ += dS K
+    __syncthreads();
+  }
+  if (n_blocks == 0) cp_async_wait<0>();
+
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+  store_rows<T, D>(dq_out, p.dq_stride[2], m0 + warp * 16, p.Lq, dq, p.scale, p.scale);
+}
+
+// Instantiates the dK/dV and dQ kernels for head dim D over the dtypes and the causal flag (after the
+// preprocess has written delta and lse_log2).
+template <int D>
+cudaError_t launch_bwd_hdim(const AttentionParams& p, cudaStream_t stream) {
+  return dtype_causal_switch(p, [&]<typename T, bool CAUSAL>() {
+    using Tile = BwdTile<D>;
+    auto dkdv = attention_bwd_dkdv_kernel<T, D, CAUSAL>;
+    auto dq = attention_bwd_dq_kernel<T, D, CAUSAL>;
+    if (const cudaError_t err = allow_smem(dkdv, Tile::kDkdvSmem); err != cudaSuccess) return err;
+    if (const cudaError_t err = allow_smem(dq, Tile::kDqSmem); err != cudaSuccess) return err;
+    const dim3 kv_grid(unsigned((p.Lk + Tile::kKeys - 1) / Tile::kKeys), unsigned(p.B * p.Hkv));
+    FASTLM_LAUNCH(dkdv, kv_grid, kThreads, Tile::kDkdvSmem, stream)(p);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    const dim3 q_grid(unsigned((p.Lq + Tile::kQueries - 1) / Tile::kQueries), unsigned(p.B * p.Hq));
+    FASTLM_LAUNCH(dq, q_grid, kThreads, Tile::kDqSmem, stream)(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace attn
+}  // namespace fastlm

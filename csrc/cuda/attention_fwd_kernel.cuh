@@ -1,0 +1,143 @@
+// The flash-attention forward kernel: one block of 4 warps per 64 queries of one (batch, head); K/V
+// tiles stream through shared memory with cp.async double buffering; S = Q K^T and O += P V run on
+// mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulators) fed by ldmatrix; the softmax is online in fp32
+// (log2 domain) and its log-sum-exp is written for the backward pass. Included by the per-head-dim
+// instantiation files attention_fwd_hdim*.cu.
+#pragma once
+
+#include "attention_tile.cuh"
+
+namespace fastlm {
+namespace attn {
+
+template <int D>
+struct FwdTile {
+  static constexpr int kBlockM = 16 * kWarps;        // queries per block, 16 per warp
+  static constexpr int kBlockN = D <= 64 ? 64 : 32;  // keys per K/V tile
+  static constexpr int kSmemBytes =                  // Q, 2x K, 2x V, 2x key bias
+      (kBlockM + 4 * kBlockN) * kPitch<D> * 2 + 2 * kBlockN * int(sizeof(float));
+};
+
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+  constexpr int kBlockM = FwdTile<D>::kBlockM, kBlockN = FwdTile<D>::kBlockN, kPitchD = kPitch<D>;
+  FASTLM_DYNAMIC_SHARED(T, smem);
+  T* s_q = smem;                                   // (kBlockM, kPitchD)
+  T* s_k = s_q + kBlockM * kPitchD;                // 2 x (kBlockN, kPitchD)
+  T* s_v = s_k + 2 * kBlockN * kPitchD;            // 2 x (kBlockN, kPitchD)
+  float* s_kbias = reinterpret_cast<float*>(s_v + 2 * kBlockN * kPitchD);  // 2 x (kBlockN,): 0 or -inf
+
+  const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
+  const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+
+  // Keys [0, n_end) can be visible to this block's queries; causal rows see j <= i + Lk - Lq.
+  int64_t n_end = p.Lk;
+  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + kBlockM + p.Lk - p.Lq));
+  const int n_blocks = int((n_end + kBlockN - 1) / kBlockN);
+
+  auto load_kv = [&](int n, int buf) {
+    const int64_t n0 = int64_t(n) * kBlockN;
+    load_tile<kBlockN, D>(s_k + buf * kBlockN * kPitchD, k, p.k_stride[2], n0, p.Lk);
+    load_tile<kBlockN, D>(s_v + buf * kBlockN * kPitchD, v, p.v_stride[2], n0, p.Lk);
+    for (int j = threadIdx.x; j < kBlockN; j += kThreads) s_kbias[buf * kBlockN + j] = key_kept(p, b, n0 + j) ? 0.f : -INFINITY;
+  };
+
+  load_tile<kBlockM, D>(s_q, q, p.q_stride[2], m0, p.Lq);
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float acc[D / 8][4] = {};                       // O accumulators: 8-column tiles of this warp's 16 rows
+  float row_max[2] = {-INFINITY, -INFINITY};      // rows g, g+8 (log2 domain, scaled)
+  float row_sum[2] = {0.f, 0.f};                  // this lane's partial sums of those rows
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+
+  for (int n = 0; n < n_blocks; ++n) {
+    const int buf = n % 2;
+    if (n + 1 < n_blocks) {
+      load_kv(n + 1, buf ^ 1);  // the other buffer was last read before the previous iteration's barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    float s[kBlockN / 8][4] = {};  // S = Q K^T for this warp's 16 rows and kBlockN keys
+    mma_rows_rows<T, D>(s, s_q + warp * 16 * kPitchD, s_k + buf * kBlockN * kPitchD);
+
+    // Mask, scale to the log2 domain, and take the new row maxima (over the 4 lanes of a row).
+    const int64_t n0 = int64_t(n) * kBlockN;
+    float new_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = nt * 8 + 2 * t + e % 2;
+        float x = s[nt][e] * scale_log2 + s_kbias[buf * kBlockN + j];
+        if (CAUSAL && n0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
+        s[nt][e] = x;
+        new_max[e / 2] = fmaxf(new_max[e / 2], x);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+      const float base = new_max[r] == -INFINITY ? 0.f : new_max[r];  // rows with no key yet stay at 0
+      const float alpha = exp2f(row_max[r] - base);
+      row_max[r] = new_max[r];
+      row_sum[r] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][2 * r] *= alpha;
+        acc[dt][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt) {
+        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
+        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
+        row_sum[r] += s[nt][2 * r] + s[nt][2 * r + 1];
+      }
+    }
+
+    mma_acc_rows<T, D, kBlockN>(acc, s, s_v + buf * kBlockN * kPitchD);  // O += P V
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  if (n_blocks == 0) cp_async_wait<0>();
+
+  // Epilogue: O / l (zeros for rows with no key, NaN stays NaN), lse = ln(sum exp(scaled scores)).
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
+    if (t == 0 && row[r] < p.Lq) {
+      p.lse[bh * p.Lq + row[r]] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
+    }
+  }
+  T* o = static_cast<T*>(p.o) + b * p.o_stride[0] + h * p.o_stride[1];
+  store_rows<T, D>(o, p.o_stride[2], m0 + warp * 16, p.Lq, acc, inv[0], inv[1]);
+}
+
+// Instantiates the forward for head dim D over the dtypes and the causal flag.
+template <int D>
+cudaError_t launch_fwd_hdim(const AttentionParams& p, cudaStream_t stream) {
+  return dtype_causal_switch(p, [&]<typename T, bool CAUSAL>() {
+    auto kernel = attention_fwd_kernel<T, D, CAUSAL>;
+    constexpr int kSmem = FwdTile<D>::kSmemBytes;
+    if (const cudaError_t err = allow_smem(kernel, kSmem); err != cudaSuccess) return err;
+    const dim3 grid(unsigned((p.Lq + FwdTile<D>::kBlockM - 1) / FwdTile<D>::kBlockM), unsigned(p.B * p.Hq));
+    FASTLM_LAUNCH(kernel, grid, kThreads, kSmem, stream)(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace attn
+}  // namespace fastlm

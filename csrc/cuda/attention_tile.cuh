@@ -1,0 +1,157 @@
+// Building blocks shared by the attention kernels (attention_fwd_kernel.cuh, attention_bwd_kernel.cuh):
+// the block shape, shared-memory tiles filled by cp.async, and mma.sync on the kernel's element type.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16), lane = 4 g + t:
+//   A 16x16: a[0] (row g, cols 2t, 2t+1), a[1] (row g+8, same cols), a[2], a[3] the same at cols +8
+//   B 16x8:  b[0] (rows 2t, 2t+1, col g), b[1] the same at rows +8
+//   C 16x8:  c[0], c[1] (row g, cols 2t, 2t+1), c[2], c[3] (row g+8, same cols)
+// So the accumulators of two adjacent 8-column tiles are, once rounded, the A fragment of 16 columns.
+// ldmatrix x4 addresses (lane l gives row l % 8 of matrix l / 8), with tiles in row-major smem:
+//   A from a 16x16 tile:                     row l % 16,                 col 8 (l / 16)
+//   B (two n-tiles) from rows = B columns:   row 8 (l / 16) + l % 8,     col 8 (l / 8 % 2)
+//   B (two n-tiles) from rows = B rows, .trans: row 8 (l / 8 % 2) + l % 8, col 8 (l / 16)
+#pragma once
+
+#include <cstring>
+#include <type_traits>
+
+#include "attention.h"
+#include "common.cuh"
+#include "tensor_core.cuh"
+
+namespace fastlm {
+namespace attn {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Smem row pitch (elements) of a D-wide tile: +16 bytes keeps the 8 rows of an ldmatrix conflict-free.
+template <int D>
+constexpr int kPitch = D + 8;
+
+// Two fp32 values as one .f16x2 / .bf16x2 register, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T h[2] = {from_float<T>(lo), from_float<T>(hi)};
+  uint32_t r;
+  memcpy(&r, h, 4);
+  return r;
+}
+
+// The A fragment of 16 columns from the fp32 accumulators of 8-column tiles c0 (cols +0) and c1 (+8).
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// d += a * (b0, b1), on fp16 or bf16 inputs.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same_v<T, __half>) {
+    mma_m16n8k16_f16(d, a, b, d);
+  } else {
+    mma_m16n8k16_bf16(d, a, b, d);
+  }
+}
+
+// acc[NT][4] += A (16 rows of `a_rows`) * B^T, B the rows of `b_rows` (NT * 8 of them): a 16 x (NT*8)
+// product over the D columns of both tiles (Q K^T, dO V^T, K Q^T, ...).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_rows_rows(float (&acc)[NT][4], const T* a_rows, const T* b_rows) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_rows + (lane % 16) * kPitch<D> + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int nn = 0; nn < NT / 2; ++nn) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_rows + (nn * 16 + (lane / 16) * 8 + lane % 8) * kPitch<D> + kk * 16 + ((lane / 8) % 2) * 8);
+      mma<T>(acc[2 * nn], a, b[0], b[1]);
+      mma<T>(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[D/8][4] += P (16 x K, fp32 accumulators p[K/8][4], rounded to T) * B, B the K rows of `b_rows`
+// (D wide): P V, P^T dO, dS K, dS^T Q.
+template <typename T, int D, int K>
+__device__ __forceinline__ void mma_acc_rows(float (&acc)[D / 8][4], const float (&p)[K / 8][4], const T* b_rows) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, b_rows + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch<D> + dd * 16 + (lane / 16) * 8);
+      mma<T>(acc[2 * dd], a, b[0], b[1]);
+      mma<T>(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Rows [row0, row0 + ROWS) of an (L, D) matrix with row stride `stride` into smem (pitch kPitch<D>), 16
+// bytes per cp.async; rows at or past L are zero-filled.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride, int64_t row0, int64_t L) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = row0 + r < L;
+    const T* src = valid ? gmem + (row0 + r) * stride + col : gmem;
+    cp_async_16_zfill(smem + r * kPitch<D> + col, src, valid ? 16 : 0);
+  }
+}
+
+// Whether key `col` of batch b exists and is attended (key_padding_mask).
+__device__ __forceinline__ bool key_kept(const AttentionParams& p, int64_t b, int64_t col) {
+  return col < p.Lk && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
+}
+
+// Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then
+// row g + 8), scaled, stored as T to rows < L of `out` (row stride `stride`).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0, int64_t L, const float (&acc)[D / 8][4],
+                                           float scale0, float scale1) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + g + 8 * r;
+    if (row >= L) continue;
+    const float s = r == 0 ? scale0 : scale1;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const uint32_t pair = pack2<T>(acc[dt][2 * r] * s, acc[dt][2 * r + 1] * s);
+      memcpy(static_cast<void*>(out + row * stride + dt * 8 + 2 * t), &pair, 4);
+    }
+  }
+}
+
+// Instantiates launch<T, CAUSAL>(p, stream) for p's dtype and causal flag.
+template <typename Launch>
+cudaError_t dtype_causal_switch(const AttentionParams& p, Launch&& launch) {
+  auto by_causal = [&]<typename T>() {
+    return p.causal ? launch.template operator()<T, true>() : launch.template operator()<T, false>();
+  };
+  if (p.dtype == DType::f16) return by_causal.template operator()<__half>();
+  if (p.dtype == DType::bf16) return by_causal.template operator()<__nv_bfloat16>();
+  return cudaErrorInvalidValue;
+}
+
+// Sets the dynamic shared memory opt-in of `kernel` when it needs more than the default 48 KiB.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+}  // namespace attn
+}  // namespace fastlm
