@@ -9,7 +9,7 @@ import torch
 
 from . import harness
 
-OPS = ("norms", "attention")
+OPS = ("norms", "attention", "cross_entropy")
 
 
 def parse_args(argv):

@@ -3,6 +3,7 @@
 #include "glue.h"
 
 namespace fastlm {
+void bind_cross_entropy(pybind11::module_& m);
 void bind_norms(pybind11::module_& m);
 }
 
@@ -18,4 +19,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", &fastlm::set_poison_outputs,
         "NaN-fill every kernel output before the kernel runs (testing)");
   fastlm::bind_norms(m);
+  fastlm::bind_cross_entropy(m);
 }

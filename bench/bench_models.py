@@ -1,0 +1,190 @@
+"""One training step (forward, backward, AdamW) of fastlm's BERT, GPT-2 and T5 against Hugging Face's
+eager and SDPA implementations of the same models with the same weights: tokens/s and peak memory.
+
+    python -m bench.bench_models [--device cuda|cpu] [--quick] [--reps N] [--out DIR]
+
+GPU cases are the lecture's: BERT-base pretraining (seq 128, MLM 15% + NSP), GPT-2 small (seq 1024),
+T5-base (512 -> 114), under bf16 autocast. On the CPU the tiny presets run in fp32. Results go to
+bench/results/models-<device>.json and .png (speedup over HF eager, peak memory).
+"""
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastlm.models import (
+    BertConfig,
+    BertForPreTraining,
+    GPTConfig,
+    GPTLMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from . import harness
+
+
+@dataclass
+class ModelCase:
+    name: str  # e.g. "bert-base s128 b32"
+    fastlm_cls: type
+    config: object
+    batch: callable  # device -> dict of forward kwargs (HF names)
+    tokens: int  # tokens per step
+
+
+def _bert_batch(config, B, L):
+    def make(device):
+        ids = torch.randint(0, config.vocab_size, (B, L), device=device)
+        labels = torch.where(torch.rand(B, L, device=device) < 0.15, ids, -100)
+        nsp = torch.randint(0, 2, (B,), device=device)
+        mask = torch.ones(B, L, dtype=torch.long, device=device)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "next_sentence_label": nsp}
+
+    return make
+
+
+def _gpt_batch(config, B, L):
+    def make(device):
+        ids = torch.randint(0, config.vocab_size, (B, L), device=device)
+        return {"input_ids": ids, "labels": ids}
+
+    return make
+
+
+def _t5_batch(config, B, Ls, Lt):
+    def make(device):
+        src = torch.randint(0, config.vocab_size, (B, Ls), device=device)
+        labels = torch.randint(0, config.vocab_size, (B, Lt), device=device)
+        return {"input_ids": src, "attention_mask": torch.ones_like(src), "labels": labels}
+
+    return make
+
+
+def cases(device, quick):
+    """The model cases for ``device``: the lecture's sizes on a GPU, the tiny presets on the CPU."""
+    if device.type == "cuda" and not quick:
+        bert, gpt, t5 = BertConfig.preset("bert-base"), GPTConfig.preset("gpt2"), T5Config.preset("t5-base")
+        sizes = {"bert": (32, 128), "gpt": (8, 1024), "t5": (16, 512, 114)}
+    else:
+        bert, gpt = BertConfig.preset("bert-tiny"), GPTConfig.preset("gpt2-tiny")
+        t5 = T5Config.preset("t5-tiny")
+        sizes = (
+            {"bert": (4, 128), "gpt": (2, 256), "t5": (4, 128, 32)}
+            if quick
+            else {"bert": (8, 128), "gpt": (4, 256), "t5": (8, 128, 32)}
+        )
+    (bB, bL), (gB, gL), (tB, tLs, tLt) = sizes["bert"], sizes["gpt"], sizes["t5"]
+    return [
+        ModelCase(f"bert s{bL} b{bB}", BertForPreTraining, bert, _bert_batch(bert, bB, bL), bB * bL),
+        ModelCase(f"gpt2 s{gL} b{gB}", GPTLMHeadModel, gpt, _gpt_batch(gpt, gB, gL), gB * gL),
+        ModelCase(
+            f"t5 {tLs}->{tLt} b{tB}", T5ForConditionalGeneration, t5, _t5_batch(t5, tB, tLs, tLt), tB * (tLs + tLt)
+        ),
+    ]
+
+
+def _hf_model(case, attn_implementation):
+    """The HF model of the same architecture and config (random weights)."""
+    import transformers
+
+    config = case.config.to_hf(case.fastlm_cls.hf_architecture)
+    config_cls = transformers.AutoConfig.for_model(config.pop("model_type")).__class__
+    hf_cls = getattr(transformers, case.fastlm_cls.hf_architecture)
+    return hf_cls(config_cls(**config, attn_implementation=attn_implementation))
+
+
+def _train_step(model, optimizer, batch, autocast):
+    def step():
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(case, device, reps):
+    """Rows for fastlm, HF eager and HF sdpa on ``case``."""
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else (contextlib.nullcontext)
+    )
+    dtype = "bf16-amp" if device.type == "cuda" else "fp32"
+    torch.manual_seed(0)
+    hf_eager = _hf_model(case, "eager").to(device).train()
+    models = {"hf-eager": hf_eager, "fastlm": case.fastlm_cls.from_pretrained(hf_eager).to(device).train()}
+    hf_sdpa = _hf_model(case, "sdpa").to(device).train()
+    hf_sdpa.load_state_dict(hf_eager.state_dict())
+    models["hf-sdpa"] = hf_sdpa
+    batch = case.batch(device)
+    rows = []
+    for impl, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        step = _train_step(model, optimizer, batch, autocast)
+        median, p20, p80 = harness.time_ms(step, device, reps)
+        peak = harness.peak_memory_mb(step, device)
+        rows.append(
+            harness.Row(
+                op="train-step",
+                shape=case.name,
+                dtype=dtype,
+                impl=impl,
+                mode="fwd+bwd",
+                median_ms=median,
+                p20_ms=p20,
+                p80_ms=p80,
+                throughput=case.tokens / median * 1e3,
+                unit="tok/s",
+                peak_mem_mb=peak,
+                note="forward + backward + AdamW",
+            )
+        )
+        del optimizer, step
+    base = next(r for r in rows if r.impl == "hf-eager").median_ms
+    for r in rows:
+        r.speedup = base / r.median_ms
+    return rows
+
+
+def print_table(rows):
+    print(
+        f"{'case':<22} {'dtype':<9} {'impl':<9} {'median ms':>10} {'[p20, p80]':>20} {'tok/s':>10} "
+        f"{'vs eager':>9} {'peak MB':>8}"
+    )
+    for r in rows:
+        peak = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
+        print(
+            f"{r.shape:<22} {r.dtype:<9} {r.impl:<9} {r.median_ms:>10.1f} {f'[{r.p20_ms:.1f}, {r.p80_ms:.1f}]':>20} "
+            f"{r.throughput:>10.0f} {r.speedup:>8.2f}x {peak:>8}"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_models", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller batches, few repetitions (a smoke test)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per model on the CPU")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for JSON and PNG results")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    reps = args.reps or (3 if args.quick else 10)
+    meta = harness.metadata(device)
+    print(f"fastlm model benchmarks on {meta['device']} ({device.type}), torch {meta['torch']}")
+    rows = []
+    for case in cases(device, args.quick):
+        rows.extend(run(case, device, reps))
+    print_table(rows)
+    slug = ("quick-" if args.quick else "") + device.type
+    json_path, png_path = args.out / f"models-{slug}.json", args.out / f"models-{slug}.png"
+    harness.write_json(json_path, meta, {}, rows)
+    harness.plot(png_path, f"fastlm models, one training step, on {meta['device']}", rows)
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

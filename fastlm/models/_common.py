@@ -1,0 +1,112 @@
+"""Small pieces every model file uses: activations by their HF names, input checks, initialisation."""
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..nn import LayerNorm, RMSNorm
+
+__all__ = ["HFConfig", "activation", "check_ids", "check_length", "init_normal", "key_padding_mask", "scaled_std"]
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu, "silu": F.silu}
+
+
+def activation(name):
+    """The activation function HF calls `name` ("gelu" is erf GELU; "gelu_new" is the tanh one)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def check_ids(ids, vocab_size, name="input_ids"):
+    """Raise ValueError unless ``ids`` is an integer (B, L) tensor with values in [0, vocab_size)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size})"
+        )
+
+
+def check_length(length, max_positions, name="input_ids"):
+    """Raise ValueError when a sequence of ``length`` tokens does not fit the position table."""
+    if length > max_positions:
+        raise ValueError(f"{name} has {length} positions but the model's position table holds {max_positions}")
+
+
+def key_padding_mask(attention_mask, shape):
+    """HF's attention_mask (B, L), 1 = attend, as fastlm.attention's bool key_padding_mask; None when
+    absent or when every key is attended (the kernels then skip the mask)."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+def init_normal(module, std):
+    """HF's BERT/GPT-2 initialisation: Linear and Embedding weights N(0, std), biases 0, norms 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, (LayerNorm, RMSNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def scaled_std(std, num_layers):
+    """GPT-2's residual-projection init: std / sqrt(2 * num_layers)."""
+    return std / math.sqrt(2 * num_layers)
+
+
+class HFConfig:
+    """Mixin of the dataclass configs: field names are HF's, so converting is a rename-free copy.
+
+    Subclasses set ``model_type`` (HF's), ``PRESETS`` (name -> field overrides) and may override
+    ``_check_hf`` to reject HF options the model does not implement.
+    """
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """The config of a named preset (see ``PRESETS``), with ``overrides`` applied."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, config):
+        """The config of an HF config dict (config.json's content)."""
+        cls._check_hf(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in names}
+        if "id2label" in config and "num_labels" in names:
+            values["num_labels"] = len(config["id2label"])
+        return cls(**values)
+
+    @classmethod
+    def _check_hf(cls, config):
+        pass
+
+    def to_hf(self, architecture):
+        """The HF config dict (written as config.json) of this config for class ``architecture``."""
+        config = dataclasses.asdict(self)
+        if "num_labels" in config:
+            num_labels = config.pop("num_labels")
+            config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+            config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        return {**config, "model_type": self.model_type, "architectures": [architecture]}

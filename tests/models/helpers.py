@@ -1,0 +1,49 @@
+"""Shared by the model tests: parity checks against Hugging Face's eager models (DESIGN.md §4's rule,
+with HF in fp64 as the oracle and HF in fp32 as the baseline), and running a model on a forced backend."""
+
+import contextlib
+import copy
+
+import pytest
+
+import fastlm
+from fastlm.testing import assert_close_to_reference
+
+
+def hf_pair(hf_model):
+    """(fp32, fp64) copies of an HF model, in eval mode."""
+    hf_model = hf_model.eval()
+    return hf_model, copy.deepcopy(hf_model).double()
+
+
+@contextlib.contextmanager
+def on_backend(backend):
+    """Run the block on ``backend``; skip the test when an op the model uses has no kernel there."""
+    try:
+        with fastlm.use_backend(backend):
+            yield
+    except RuntimeError as e:
+        if "was forced for" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+def assert_matches_hf(actual, oracle, baseline, name, factor=2.0):
+    """DESIGN.md §4: fastlm's fp32 error against HF fp64 within ``factor`` × HF fp32's error."""
+    assert_close_to_reference(actual, oracle, baseline, factor=factor, name=name)
+
+
+def assert_grads_match(model, hf32, hf64, *, rename=lambda name, g: (name, g)):
+    """Every parameter gradient of the fastlm ``model`` against the HF parameter of the same name.
+
+    rename(name, grad) -> (hf_name, grad in HF's layout), for layouts that differ (GPT-2's Conv1D)."""
+    hf32_params, hf64_params = dict(hf32.named_parameters()), dict(hf64.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        hf_name, grad = rename(name, p.grad)
+        assert grad is not None, f"{name}: no gradient"
+        assert_close_to_reference(
+            grad, hf64_params[hf_name].grad, hf32_params[hf_name].grad, factor=3.0, name=f"grad {name}"
+        )
+        checked += 1
+    assert checked > 0

@@ -1,0 +1,129 @@
+"""fastlm.models T5 against Hugging Face's eager T5ForConditionalGeneration, v1.0 and v1.1 configs (tiny
+random models, no downloads)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fastlm.models import T5Config, T5ForConditionalGeneration  # noqa: E402
+
+from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend  # noqa: E402
+
+V, B, LS, LT = 53, 3, 9, 7
+SOURCE_LENGTHS, TARGET_LENGTHS = (9, 6, 3), (7, 5, 2)
+VERSIONS = {
+    "v1.0": {"feed_forward_proj": "relu"},
+    "v1.1": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+}
+
+
+def hf_config(version, layers=2):
+    return transformers.T5Config(
+        vocab_size=V,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        attn_implementation="eager",
+        **VERSIONS[version],
+    )
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src_mask = (torch.arange(LS)[None, :] < torch.tensor(SOURCE_LENGTHS)[:, None]).long()
+    src = torch.randint(2, V, (B, LS), generator=g).masked_fill(src_mask == 0, 0)
+    tgt_mask = torch.arange(LT)[None, :] < torch.tensor(TARGET_LENGTHS)[:, None]
+    labels = torch.randint(2, V, (B, LT), generator=g).masked_fill(~tgt_mask, -100)
+    return src, src_mask, labels
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_matches_hf(version, backend, tmp_path):
+    """Logits, loss and every parameter gradient with padded sources and targets, on every backend
+    (1 layer; the reference backend also with 2 layers, where layer 1 reuses layer 0's position table)."""
+    layers = 2 if backend == "reference" else 1
+    torch.manual_seed(0)
+    hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config(version, layers)))
+    hf32.save_pretrained(tmp_path)
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    src, src_mask, labels = batch()
+    decoder_input_ids = model.shift_right(labels)
+    with on_backend(backend):
+        logits = model(src, src_mask, decoder_input_ids=decoder_input_ids).logits
+        loss = model(src, src_mask, labels=labels).loss
+        loss.backward()
+    refs = [hf(src, attention_mask=src_mask, decoder_input_ids=decoder_input_ids).logits for hf in (hf32, hf64)]
+    assert_matches_hf(logits, refs[1], refs[0], "logits")
+    losses = []
+    for hf in (hf32, hf64):
+        ref = hf(src, attention_mask=src_mask, labels=labels)
+        ref.loss.backward()
+        losses.append(ref.loss)
+    assert_matches_hf(loss, losses[1], losses[0], "loss")
+    assert_grads_match(model, hf32, hf64)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_greedy_generate_equals_hf(version):
+    torch.manual_seed(1)
+    hf = transformers.T5ForConditionalGeneration(hf_config(version)).eval()
+    model = T5ForConditionalGeneration.from_pretrained(hf).eval()
+    src, src_mask, _ = batch(1)
+    ours = model.generate(src, src_mask, max_new_tokens=8)
+    theirs = hf.generate(src, attention_mask=src_mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs), f"\n{ours}\n{theirs}"
+
+
+def test_generate_cache_equals_full_forward():
+    torch.manual_seed(2)
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V)).eval()
+    src, src_mask, _ = batch(2)
+    out = model.generate(src, src_mask, max_new_tokens=6, eos_token_id=None)
+    for t in range(1, out.shape[1]):
+        full = model(src, src_mask, decoder_input_ids=out[:, :t]).logits[:, -1]
+        assert torch.equal(full.argmax(-1), out[:, t])
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "t5-v1_1-small"])
+def test_save_pretrained_round_trips(preset, tmp_path):
+    """fastlm -> HF format -> fastlm keeps every tensor; HF reads the tied (v1.0) layout to the same logits."""
+    torch.manual_seed(3)
+    config = T5Config.preset(preset, vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)
+    model = T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.config == model.config
+    for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    if config.tie_word_embeddings:
+        hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        src, src_mask, labels = batch(3)
+        dec = model.shift_right(labels)
+        torch.testing.assert_close(
+            model(src, src_mask, decoder_input_ids=dec).logits,
+            hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_bad_inputs_and_checkpoints():
+    torch.manual_seed(4)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="'gpt2' model"):
+        T5ForConditionalGeneration.from_pretrained(gpt)
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V))
+    src, src_mask, labels = batch()
+    with pytest.raises(
+        ValueError, match=r"decoder_input_ids holds ids in \[53, 53\], outside the vocabulary \[0, 53\)"
+    ):
+        model(src, src_mask, decoder_input_ids=torch.full((B, 2), V))
+    with pytest.raises(ValueError, match="pass decoder_input_ids or labels"):
+        model(src, src_mask)
