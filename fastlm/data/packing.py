@@ -55,6 +55,8 @@ def nsp_pairs(docs, seq_len, *, cls_id, sep_id, generator=None):
         if is_random[i] and int(doc[start]) != int(chunk_doc[i]):
             second = ids[start : start + budget - a]
             labels[i] = 1
-        input_ids[i] = torch.cat([torch.tensor([cls_id]), first, torch.tensor([sep_id]), second, torch.tensor([sep_id])])
+        input_ids[i] = torch.cat(
+            [torch.tensor([cls_id]), first, torch.tensor([sep_id]), second, torch.tensor([sep_id])]
+        )
         token_type_ids[i, a + 2 :] = 1
     return input_ids, token_type_ids, labels

@@ -28,10 +28,9 @@ def stdlib_docstrings(max_chars=2_000_000):
             if not name.endswith(".py"):
                 continue
             try:
-                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        tree = ast.parse(f.read())
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # invalid escape sequences in old sources
+                    tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
                 continue
             for node in ast.walk(tree):

@@ -8,7 +8,8 @@ __all__ = ["span_corruption_lengths", "span_corrupt"]
 
 def span_corruption_lengths(length, noise_density=0.15, mean_span_length=3.0):
     """(num_noise, num_spans, input_length, target_length) for a raw sequence of ``length`` tokens; the input and
-    target lengths count the trailing EOS (and the target its final sentinel). Fixed per length, so batches need no padding."""
+    target lengths count the trailing EOS (and the target its final sentinel). Fixed per length, so batches need
+    no padding."""
     if length < 2:
         raise ValueError(f"span corruption needs sequences of at least 2 tokens, got length={length}")
     num_noise = min(max(1, round(length * noise_density)), length - 1)
@@ -23,9 +24,7 @@ def _segments(n, k, generator):
     return edges.diff()
 
 
-def span_corrupt(
-    tokens, *, sentinel_ids, eos_id, noise_density=0.15, mean_span_length=3.0, generator=None
-):
+def span_corrupt(tokens, *, sentinel_ids, eos_id, noise_density=0.15, mean_span_length=3.0, generator=None):
     """Span-corrupt each row of ``tokens`` (B, L) int64 (CPU); returns (input_ids (B, Li), labels (B, Lt)).
 
     Spans alternate kept / dropped starting with kept; span j is replaced by ``sentinel_ids[j]`` in the input,
