@@ -137,7 +137,7 @@ def finetune(config):
     eval_ids, eval_mask = (t.to(device) for t in _encode(tokenizer, eval_texts, config.seq_len))
     labels, eval_labels = labels.to(device), eval_labels.to(device)
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, fused=True)
     steps = config.epochs * -(-len(ids) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(1, steps))
     g = torch.Generator().manual_seed(config.seed)
@@ -152,7 +152,7 @@ def finetune(config):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
         acc = accuracy(model, eval_ids, eval_mask, eval_labels, config.batch_size)
         history.append({"epoch": epoch + 1, "train_loss": total / len(ids), "eval_accuracy": acc})
         if config.progress:
