@@ -137,7 +137,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels", "fastlm.bench"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels", "fastlm.bench": "bench"},
-    package_data={"fastlm.bench": ["results/*.json"]},
+    package_data={"fastlm": ["dispatch.json"], "fastlm.bench": ["results/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     install_requires=["torch>=2.4", "numpy"],

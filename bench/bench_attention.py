@@ -94,8 +94,9 @@ def _impls(device, causal, rel_pos):
         def run(q, k, v, mask, table):
             bias = _dense_bias(q, k, mask, table, causal, bidirectional)
             with sdpa_kernel(getattr(SDPBackend, backend.upper())):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and bias is None,
-                                                      scale=scale)
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, is_causal=causal and bias is None, scale=scale
+                )
 
         return run
 
@@ -142,8 +143,9 @@ def _flex(causal, rel_pos, bidirectional):
                 keep = kv_idx <= q_idx + (Lk - Lq) if causal else kv_idx >= 0
                 return keep & mask[b, kv_idx] if mask is not None else keep
 
-            block_masks[key] = create_block_mask(mask_mod, B if mask is not None else None, None, Lq, Lk,
-                                                 device=q.device)
+            block_masks[key] = create_block_mask(
+                mask_mod, B if mask is not None else None, None, Lq, Lk, device=q.device
+            )
         score_mod = None
         if table is not None:
             bucket = RelativePositionBias(table, bidirectional).diagonal_buckets(Lq, Lk)  # (Lq + Lk - 1,)
@@ -151,8 +153,7 @@ def _flex(causal, rel_pos, bidirectional):
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + table[bucket[kv_idx - q_idx + Lq - 1], h]
 
-        return flex(q, k, v, score_mod=score_mod, block_mask=block_masks.get(key),
-                    scale=1.0 if rel_pos else None)
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_masks.get(key), scale=1.0 if rel_pos else None)
 
     return run
 
@@ -166,8 +167,9 @@ def _hf_t5(causal):
     def run(q, k, v, mask, table):
         B, H, Lq, D = q.shape
         if H not in modules:
-            config = T5Config(d_model=H * D, d_kv=D, num_heads=H, relative_attention_num_buckets=table.shape[0],
-                              is_decoder=causal)
+            config = T5Config(
+                d_model=H * D, d_kv=D, num_heads=H, relative_attention_num_buckets=table.shape[0], is_decoder=causal
+            )
             modules[H] = T5Attention(config, has_relative_attention_bias=True).to(q.device)
         module = modules[H]
         module.relative_attention_bias._parameters["weight"] = table  # the benchmark's leaf: its grad is timed
@@ -180,12 +182,15 @@ def _hf_t5(causal):
 
 
 def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
-    """Run each implementation forward+backward on a tiny version of the case; move failures to absent."""
+    """Run each peer that may refuse a case (SDPA's backends, FlexAttention, flash-attn) forward+backward on a
+    tiny version of it; move refusals to absent."""
     B, H, L = 2, 2, 64
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.arange(L, device=device)[None, :] < torch.tensor([[L // 2], [L]], device=device) if pad else None
     table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
     for name, fn in list(impls.items()):
+        if name.startswith(("fastlm", "torch", "hf")):
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA explains its refusals as warnings, then raises

@@ -1,5 +1,5 @@
 // The emulated execution model: a launch runs its grid synchronously on the calling OS thread,
-// one block after another; the threads of a block are fibers that run concurrently, interleaved
+// one block after another (in a scrambled order); the threads of a block are fibers that run concurrently, interleaved
 // at every barrier (__syncthreads) and warp collective. Each scheduling round runs the ready
 // threads in a fresh pseudo-random order (fixed per block and round, so failures reproduce), so a
 // missing barrier or a wrong shuffle shows up as a wrong result instead of passing by luck.
@@ -16,6 +16,7 @@
 #include <csetjmp>
 #include <cstdio>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -41,7 +42,7 @@ struct Block;
 struct Thread;
 
 // A collective of one warp (shuffle, vote, __syncwarp, ldmatrix, mma): every lane in `mask` brings
-// its own Call; the last to arrive runs `complete`, which reads each lane's `in` and writes each
+// its own WarpCall; the last to arrive runs `complete`, which reads each lane's `in` and writes each
 // lane's `out` (both point into the lanes' own stacks, which live on while they wait).
 struct WarpCall {
   void (*complete)(Thread* const* lanes, unsigned mask) = nullptr;
@@ -58,7 +59,6 @@ struct WarpCall {
 struct AsyncCopy {
   void* dst;
   unsigned char data[16];
-  int bytes;
   unsigned group;
 };
 
@@ -166,7 +166,7 @@ inline void retire_copies(Thread& t, unsigned keep_groups) {
   size_t kept = 0;
   for (const AsyncCopy& c : t.copies) {
     if (c.group + keep_groups < t.open_group) {
-      std::memcpy(c.dst, c.data, static_cast<size_t>(c.bytes));
+      std::memcpy(c.dst, c.data, sizeof c.data);
     } else {
       t.copies[kept++] = c;
     }
@@ -302,11 +302,14 @@ inline std::string deadlock_report(Thread* const* threads, unsigned n) {
     ++shown;
   }
   unsigned at_sync = 0, exited = 0;
+  std::string waiting;
   for (unsigned i = 0; i < n; ++i) {
-    at_sync += threads[i]->state == State::at_syncthreads;
     exited += threads[i]->state == State::exited;
+    if (threads[i]->state != State::at_syncthreads) continue;
+    if (at_sync++ < 4) waiting += " " + dim_str(threads[i]->idx);
   }
-  return msg + " " + std::to_string(at_sync) + " threads wait in __syncthreads, " +
+  if (at_sync > 4) waiting += " ...";
+  return msg + " " + std::to_string(at_sync) + " threads wait in __syncthreads" + waiting + "; " +
          std::to_string(exited) + " have exited";
 }
 
@@ -433,18 +436,21 @@ inline void run_grid(const char* kernel, const char* site, const void* key, dim3
   gridDim = grid;
   blockDim = blk;
   block = &b;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        b.linear = (uint64_t{z} * grid.y + y) * grid.x + x;
-        std::memset(smem_ptr, 0xFF, smem);  // poison: reads of unwritten shared memory are NaN
-        dynamic_smem = smem_ptr;
-        if (!run_block(b, p)) {
-          block = nullptr;
-          throw std::runtime_error("fastlm CUDA emulation: " + b.error);
-        }
-      }
+  // Blocks run one after another in a scrambled order (i -> (stride * i + 1) mod count, a
+  // permutation since gcd(stride, count) = 1), so a kernel relying on block order fails too.
+  const uint64_t count = uint64_t{grid.x} * grid.y * grid.z;
+  uint64_t stride = 0x9E3779B97F4A7C15ull % count;
+  while (std::gcd(stride, count) != 1) ++stride;
+  for (uint64_t i = 0; i < count; ++i) {
+    b.linear = static_cast<uint64_t>((static_cast<unsigned __int128>(stride) * i + 1) % count);
+    blockIdx = uint3{static_cast<unsigned>(b.linear % grid.x),
+                     static_cast<unsigned>(b.linear / grid.x % grid.y),
+                     static_cast<unsigned>(b.linear / (uint64_t{grid.x} * grid.y))};
+    std::memset(smem_ptr, 0xFF, smem);  // poison: reads of unwritten shared memory are NaN
+    dynamic_smem = smem_ptr;
+    if (!run_block(b, p)) {
+      block = nullptr;
+      throw std::runtime_error("fastlm CUDA emulation: " + b.error);
     }
   }
   block = nullptr;

@@ -141,11 +141,13 @@ inline void cp_async(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     detail::fail("cp.async: 16-byte copy with an address that is not 16-byte aligned");
   }
+  if (src_bytes < 0 || src_bytes > 16) {
+    detail::fail("cp.async: src-size " + std::to_string(src_bytes) + " is not in [0, 16]");
+  }
   detail::AsyncCopy c;
   c.dst = dst;
   std::memset(c.data, 0, 16);
   if (src_bytes > 0) std::memcpy(c.data, src, static_cast<size_t>(src_bytes));
-  c.bytes = 16;
   c.group = t.open_group;
   t.copies.push_back(c);
 }

@@ -31,10 +31,10 @@ def check_ids(ids, vocab_size, name="input_ids"):
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size})"
-        )
+    if ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size})")
 
 
 def check_length(length, max_positions, name="input_ids"):
@@ -55,7 +55,8 @@ def key_padding_mask(attention_mask, shape):
 
 
 def init_normal(module, std):
-    """HF's BERT/GPT-2 initialisation: Linear and Embedding weights N(0, std), biases 0, norms 1 / 0."""
+    """HF's BERT/GPT-2 initialisation: Linear and Embedding weights N(0, std) (padding rows 0), biases 0,
+    norms 1 / 0."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -63,6 +64,8 @@ def init_normal(module, std):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
         elif isinstance(m, (LayerNorm, RMSNorm)) and m.weight is not None:
             nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:

@@ -7,7 +7,7 @@ the pad id) and stops altogether when every row is done or ``max_new_tokens`` ar
 
 import torch
 
-__all__ = ["KVCache", "decode", "next_tokens"]
+__all__ = ["KVCache", "decode", "filter_logits", "next_tokens"]
 
 
 class KVCache:
@@ -42,15 +42,10 @@ class KVCache:
         return self.lengths.get(layer, 0)
 
 
-def next_tokens(logits, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """The next token of each row from logits (B, V): argmax, or a sample when ``do_sample``.
-
-    temperature divides the logits; top_k keeps the k largest; top_p keeps the smallest set of
-    largest-probability tokens whose probability sums to at least top_p (the most likely one always
-    stays). Returns (B,) int64.
-    """
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def filter_logits(logits, *, temperature=1.0, top_k=None, top_p=None):
+    """Sampling logits (B, V) in fp32: divided by temperature, then -inf outside the top_k largest, then
+    -inf outside the smallest set of most likely tokens whose probability sums to at least top_p (the most
+    likely token always stays). The order and rules of HF's temperature / top-k / top-p warpers."""
     if temperature <= 0:
         raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
     logits = logits.float() / temperature
@@ -59,11 +54,18 @@ def next_tokens(logits, *, do_sample=False, temperature=1.0, top_k=None, top_p=N
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def next_tokens(logits, *, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """The next token of each row from logits (B, V): argmax, or, when ``do_sample``, a draw from
+    ``filter_logits(logits, temperature, top_k, top_p)`` with ``generator``. Returns (B,) int64."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

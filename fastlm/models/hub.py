@@ -129,6 +129,7 @@ class PretrainedMixin:
     hf_architecture = None
 
     def hf_keys(self):
+        """How this class's keys relate to HF checkpoints: ``load_state_dict_checked``'s keyword arguments."""
         raise NotImplementedError
 
     @staticmethod
@@ -139,6 +140,11 @@ class PretrainedMixin:
     def _state_to_hf(state_dict):
         return state_dict
 
+    @staticmethod
+    def _config_from_checkpoint(config, state_dict):
+        """The config adjusted to what the checkpoint holds (T5: an lm_head saved apart means untied)."""
+        return config
+
     @classmethod
     def from_pretrained(cls, source, **overrides):
         """The model with the weights of ``source``: a directory in HF's format (config.json +
@@ -147,7 +153,8 @@ class PretrainedMixin:
         freshly initialised and listed in ``model.initialised_keys``; any other mismatch is a ValueError.
         """
         hf_config, state_dict = read_checkpoint(source, cls.config_class.model_type)
-        config = dataclasses.replace(cls.config_class.from_hf(hf_config), **overrides)
+        config = cls._config_from_checkpoint(cls.config_class.from_hf(hf_config), state_dict)
+        config = dataclasses.replace(config, **overrides)
         model = cls(config)
         model.initialised_keys = load_state_dict_checked(model, cls._state_from_hf(state_dict), **model.hf_keys())
         return model

@@ -6,6 +6,7 @@ Parameter names are Hugging Face's (``encoder.block.0.layer.0.SelfAttention.q.we
 Shapes: B batch, Ls source length, Lt target length, E = d_model, H heads, D = d_kv, V vocabulary.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,6 +83,7 @@ class T5Config(HFConfig):
 
     @property
     def gated(self):
+        """Whether the feed-forward is gated (v1.1: act(wi_0 x) * wi_1 x)."""
         return self.feed_forward_proj.startswith("gated-")
 
     @property
@@ -306,6 +308,15 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         if self.lm_head is None:
             dropped += ("lm_head.",)
         return {"prefix": "", "body": True, "dropped": dropped}
+
+    @staticmethod
+    def _config_from_checkpoint(config, state_dict):
+        # HF 5.x writes tie_word_embeddings=true for every T5 but keeps an lm_head that differs from the
+        # embedding (T5 v1.1) in the file, and then does not tie: do the same.
+        head, shared = state_dict.get("lm_head.weight"), state_dict.get("shared.weight")
+        if config.tie_word_embeddings and head is not None and shared is not None and not torch.equal(head, shared):
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+        return config
 
     def head_weight(self):
         """The (V, E) LM head: the shared embedding when tied, else lm_head.weight."""

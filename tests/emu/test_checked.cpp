@@ -76,7 +76,7 @@ __global__ void smem_overrun_kernel(float* out, int n) {
 EMU_TEST(shared_memory_overrun_is_caught) {
   std::vector<float> out(64);
   CHECK_ERROR(FASTLM_LAUNCH(smem_overrun_kernel, 3, 64, 100 * sizeof(float), nullptr)(out.data(), 100),
-              "smem_overrun_kernel", "block (0,0,0)", "thread (36,0,0)",
+              "smem_overrun_kernel", "block (", "thread (36,0,0)",
               "write at byte 400 of 400-byte dynamic shared memory");
 }
 

@@ -263,3 +263,17 @@ EMU_TEST(device_attributes) {
   CHECK_EQ(optin, 227 * 1024);
   CHECK_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 1), cudaErrorInvalidDevice);
 }
+
+// Block b reads what block b - 1 wrote: right only if blocks run in index order, which CUDA
+// does not promise.
+__global__ void block_order_kernel(int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1 : out[blockIdx.x - 1] + 1;
+}
+
+EMU_TEST(relying_on_block_order_gives_wrong_result) {
+  std::vector<int> out(16, 0);
+  FASTLM_LAUNCH(block_order_kernel, 16, 32, 0, nullptr)(out.data());
+  int bad = 0;
+  for (int b = 0; b < 16; ++b) bad += out[b] != b + 1;
+  CHECK(bad > 0);
+}

@@ -93,7 +93,7 @@ def test_generate_cache_equals_full_forward():
 
 @pytest.mark.parametrize("preset", ["t5-tiny", "t5-v1_1-small"])
 def test_save_pretrained_round_trips(preset, tmp_path):
-    """fastlm -> HF format -> fastlm keeps every tensor; HF reads the tied (v1.0) layout to the same logits."""
+    """fastlm -> HF format -> fastlm keeps every tensor; HF reads it (tied v1.0, untied v1.1) to the same logits."""
     torch.manual_seed(3)
     config = T5Config.preset(preset, vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)
     model = T5ForConditionalGeneration(config).eval()
@@ -102,16 +102,34 @@ def test_save_pretrained_round_trips(preset, tmp_path):
     assert again.config == model.config
     for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
-    if config.tie_word_embeddings:
-        hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
-        src, src_mask, labels = batch(3)
-        dec = model.shift_right(labels)
-        torch.testing.assert_close(
-            model(src, src_mask, decoder_input_ids=dec).logits,
-            hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    src, src_mask, labels = batch(3)
+    dec = model.shift_right(labels)
+    torch.testing.assert_close(
+        model(src, src_mask, decoder_input_ids=dec).logits,
+        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_hf_checkpoint_with_its_own_lm_head(tmp_path):
+    """An HF T5 whose lm_head differs from the embedding (real v1.1 weights) stays untied here too."""
+    torch.manual_seed(5)
+    hf = transformers.T5ForConditionalGeneration(hf_config("v1.1", layers=1)).eval()
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight))
+    hf.save_pretrained(tmp_path)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert model.lm_head is not None and not model.config.tie_word_embeddings
+    src, src_mask, labels = batch(5)
+    dec = model.shift_right(labels)
+    torch.testing.assert_close(
+        model(src, src_mask, decoder_input_ids=dec).logits,
+        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_bad_inputs_and_checkpoints():
