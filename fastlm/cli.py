@@ -31,6 +31,20 @@ _PRETRAIN_HELP = {
     "progress": "show the progress bar",
 }
 
+_FINETUNE_HELP = {
+    "model": "folder with config.json, model.safetensors and tokenizer.json (OUT/model of fastlm pretrain, or HF)",
+    "train": "CSV (header with text,label) or JSONL training data, or hf:NAME[@SPLIT]",
+    "eval": "evaluation data as --train (default: the last 20%% of --train)",
+    "out": "output folder: the fine-tuned model, tokenizer and metrics.json",
+    "mode": "full (all weights), probe (the classifier only), freeze (embeddings + first --freeze-layers frozen)",
+    "freeze_layers": "encoder layers frozen with --mode freeze",
+    "epochs": "passes over the training data",
+    "batch_size": "examples per step",
+    "lr": "peak learning rate of AdamW (linear decay to 0)",
+    "seq_len": "tokens per example, [CLS] and [SEP] included",
+    "progress": "print each epoch's loss and accuracy",
+}
+
 
 def _add_fields(parser, config_class, helps, skip=()):
     """One --option per dataclass field (booleans: --flag / --no-flag)."""
@@ -66,7 +80,7 @@ def _finetune(argv):
     from .train.finetune import FinetuneConfig, finetune
 
     parser = argparse.ArgumentParser(prog="fastlm finetune", description="fine-tune BERT for sequence classification")
-    _add_fields(parser, FinetuneConfig, {})
+    _add_fields(parser, FinetuneConfig, _FINETUNE_HELP)
     args = parser.parse_args(argv)
     finetune(FinetuneConfig(**vars(args)))
 
@@ -80,6 +94,13 @@ def main(argv=None):
         choices=("info", "bench", "pretrain", "finetune"),
         help="info: backends and versions; bench: benchmarks; pretrain / finetune: training runs",
     )
+    if argv and argv[0] in ("pretrain", "finetune"):  # their own parsers, so that --help reaches them
+        try:
+            (_pretrain if argv[0] == "pretrain" else _finetune)(argv[1:])
+        except ValueError as e:
+            print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
@@ -87,13 +108,6 @@ def main(argv=None):
         import fastlm
 
         print(fastlm.info())
-        return 0
-    if args.command in ("pretrain", "finetune"):
-        try:
-            (_pretrain if args.command == "pretrain" else _finetune)(rest)
-        except ValueError as e:
-            print(f"fastlm {args.command}: error: {e}", file=sys.stderr)
-            return 2
         return 0
     from .bench.__main__ import main as bench_main
 
