@@ -169,7 +169,7 @@ def pretrain(config):
     token_docs = tokenizer.encode_batch(docs)
     examples = task.examples(token_docs, tokenizer, config.seq_len, torch.Generator().manual_seed(config.seed))
     n = next(iter(examples.values())).shape[0]
-    n_eval = max(1, min(n // 20, config.eval_batches * config.batch_size))
+    n_eval = max(1, min(n // 20, config.eval_batches * config.batch_size * ddp.world))  # same split for any N
     if n - n_eval < 1:
         raise ValueError(f"data {config.data!r} gives {n} examples of {config.seq_len} tokens: too few to train")
     train = {k: v[n_eval:] for k, v in examples.items()}
