@@ -7,6 +7,7 @@ import json
 import os
 
 import torch
+from torch import nn
 
 from ..data import load_tokenizer
 from ..models import BertForSequenceClassification, freeze_all_but, linear_probe, trainable_parameters
@@ -85,13 +86,29 @@ def _encode(tokenizer, texts, seq_len):
 def _freeze(model, config):
     n_layers = model.config.num_hidden_layers
     if config.mode == "probe":
-        return linear_probe(model, "classifier")
+        params = linear_probe(model, "classifier")
+        # As MAE's linear probing: a parameter-free BatchNorm standardises the frozen features, whose spread
+        # across inputs can be tiny (std ~1e-3 for a briefly pretrained body); folded into the head afterwards.
+        norm = nn.BatchNorm1d(model.config.hidden_size, affine=False, momentum=None)
+        model.classifier = nn.Sequential(norm.to(model.classifier.weight.device), model.classifier)
+        return params
     if config.mode == "freeze":
         if not 0 <= config.freeze_layers <= n_layers:
             raise ValueError(f"--freeze-layers must be in [0, {n_layers}], got {config.freeze_layers}")
         keep = [f"bert.encoder.layer.{i}" for i in range(config.freeze_layers, n_layers)]
         freeze_all_but(model, [*keep, "bert.pooler", "classifier"])
     return trainable_parameters(model)
+
+
+@torch.no_grad()
+def _fold_probe_norm(model):
+    """Replace classifier = Sequential(BatchNorm (running stats), Linear) by the one Linear computing the same
+    in eval mode, so the saved model has HF's classifier.weight / classifier.bias."""
+    norm, linear = model.classifier
+    scale = (norm.running_var + norm.eps).rsqrt()  # (E,)
+    linear.weight.mul_(scale)
+    linear.bias.sub_(linear.weight @ norm.running_mean)
+    model.classifier = linear
 
 
 @torch.no_grad()
@@ -157,6 +174,8 @@ def finetune(config):
         history.append({"epoch": epoch + 1, "train_loss": total / len(ids), "eval_accuracy": acc})
         if config.progress:
             print(f"epoch {epoch + 1}: train loss {total / len(ids):.4f}, eval accuracy {acc:.4f}", flush=True)
+    if config.mode == "probe":
+        _fold_probe_norm(model)
     result = {"accuracy": history[-1]["eval_accuracy"], "labels": names, "mode": config.mode, "history": history}
     model.save_pretrained(config.out)
     tokenizer.save(config.out)

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from fastlm.data import load_texts, train_tokenizer
+from fastlm.data import load_texts, load_tokenizer, train_tokenizer
 from fastlm.models import BertForSequenceClassification
 from fastlm.train import pretrain
-from fastlm.train.finetune import FinetuneConfig, _freeze, finetune
+from fastlm.train.finetune import FinetuneConfig, _encode, _freeze, finetune
 
 TOPICS = (
     "file path directory open read write name mode bytes encoding",
@@ -65,14 +65,13 @@ def test_full_finetuning_beats_chance(pretrained, task, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == result["accuracy"]
 
 
-@pytest.mark.xfail(
-    reason="known gap: the pooled [CLS] features of a 40-step tiny body barely vary between inputs, so a linear "
-    "probe on them stays at chance; needs a longer-pretrained body than fits the CI budget",
-    strict=False,
-)
 def test_linear_probe_beats_chance(pretrained, task, tmp_path):
     result = finetune(_config(pretrained, task, tmp_path, mode="probe", epochs=10, lr=1e-2))
     assert result["accuracy"] >= 0.75
+    again = BertForSequenceClassification.from_pretrained(str(tmp_path))  # the probe's norm folded into the head
+    tok = load_tokenizer(str(tmp_path), "bert")
+    ids, mask = _encode(tok, ["thread lock queue wait the of", "file path open read the of"], 16)
+    assert again(ids, attention_mask=mask).logits.argmax(-1).tolist() == [1, 0]
 
 
 def test_freeze_first_layers(pretrained, task, tmp_path):
