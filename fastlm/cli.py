@@ -23,7 +23,7 @@ _PRETRAIN_HELP = {
     "clip": "gradient-norm clip (0: none)",
     "dropout": "dropout rate of every dropout layer (default 0; a negative value keeps the preset's rates)",
     "eval_every": "evaluate on held-out examples every this many steps",
-    "eval_batches": "held-out batches per evaluation",
+    "eval_batches": "held-out examples per evaluation, in global batches (at most 5%% of the data)",
     "save_every": "checkpoint every this many steps (default: --eval-every)",
     "keep": "checkpoints kept",
     "resume": "continue from the newest checkpoint in OUT/checkpoints",

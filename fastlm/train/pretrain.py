@@ -169,7 +169,8 @@ def pretrain(config):
     token_docs = tokenizer.encode_batch(docs)
     examples = task.examples(token_docs, tokenizer, config.seq_len, torch.Generator().manual_seed(config.seed))
     n = next(iter(examples.values())).shape[0]
-    n_eval = max(1, min(n // 20, config.eval_batches * config.batch_size * ddp.world))  # same split for any N
+    global_batch = config.batch_size * ddp.world * config.grad_accum
+    n_eval = max(1, min(n // 20, config.eval_batches * global_batch))  # one split for any ranks x accumulation
     if n - n_eval < 1:
         raise ValueError(f"data {config.data!r} gives {n} examples of {config.seq_len} tokens: too few to train")
     train = {k: v[n_eval:] for k, v in examples.items()}
@@ -205,7 +206,6 @@ def pretrain(config):
 
     save_every = config.save_every or config.eval_every
     B, world, accum = config.batch_size, ddp.world, config.grad_accum
-    global_batch = B * world * accum
     tokens_per_step = global_batch * task.tokens_per_example(train)
     bar = None
     if is_main and config.progress:

@@ -73,3 +73,9 @@ def test_cli(corpus, tokenizer_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "loss.png")
     assert main(["pretrain", "gpt", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_matches_the_larger_batch(small, tmp_path):
+    one = pretrain(small("gpt", tmp_path / "one", steps=3, eval_every=3, batch_size=4))
+    two = pretrain(small("gpt", tmp_path / "two", steps=3, eval_every=3, batch_size=2, grad_accum=2))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
