@@ -1,17 +1,20 @@
 """fastlm: fused attention, cross-entropy and norm kernels for BERT-, GPT- and T5-style training.
 
-Functional ops: fastlm.layer_norm, fastlm.rms_norm, fastlm.cross_entropy, fastlm.linear_cross_entropy.
+Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
+fastlm.cross_entropy, fastlm.linear_cross_entropy.
 Modules: fastlm.nn. Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
 """
 
 from . import nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
-from .ops import cross_entropy, layer_norm, linear_cross_entropy, rms_norm
+from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RelativePositionBias",
+    "attention",
     "available_backends",
     "cross_entropy",
     "info",

@@ -28,7 +28,7 @@ from . import _ext
 BACKENDS = ("triton", "cuda", "cuda_emu", "cpu", "reference")
 
 _forced = contextvars.ContextVar("fastlm_backend", default=None)
-_DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
+DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
 
 
 def _check_name(name):
@@ -108,7 +108,7 @@ def available_backends(device=None):
 
 def _dispatch_defaults():
     try:
-        return json.loads(_DISPATCH_FILE.read_text())
+        return json.loads(DISPATCH_FILE.read_text())
     except FileNotFoundError:
         return {}
 

@@ -1,6 +1,7 @@
 """Drop-in modules built on fastlm's fused ops, state_dict-compatible with the modules they replace."""
 
+from .attention import MultiHeadAttention
 from .losses import CrossEntropyLoss, LinearCrossEntropyLoss
 from .norms import LayerNorm, RMSNorm
 
-__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "RMSNorm"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "MultiHeadAttention", "RMSNorm"]

@@ -1,0 +1,464 @@
+"""Triton kernels for fused attention and their launchers.
+
+Flash-style: a tile of Q stays on chip while tiles of K and V stream through; the softmax is online,
+in fp32, in base 2 (``exp2``); the log-sum-exp (LSE, natural log) of every row is saved for the
+backward pass, which recomputes the probabilities tile by tile. Backward is three kernels: a
+``Delta = rowsum(dO * O)`` preprocess, a dK/dV kernel (one program per K tile and KV head, looping over
+the Q tiles of every query head of its group, so GQA needs no atomics) and a dQ kernel (one program per
+Q tile). Every accumulation is fp32 and every sum has a fixed order: the kernels are deterministic.
+Work that cannot contribute is skipped: key tiles above the causal diagonal, and key tiles after the
+last kept key of a sequence (BERT's right padding); forward masks causally only the tiles that cross
+the diagonal.
+
+Conventions every backend of ``fastlm.attention`` reproduces (the reference in fastlm/ops/attention.py
+is the executable statement of them):
+
+* Scores: ``s[b, h, i, j] = scale * q[b, h, i] . k[b, h // G, j] + attn_bias[b, h, i, j]
+  + table[bucket[j - i + Lq - 1], h]`` with ``G = Hq // Hkv``; masked scores are ``-inf``.
+* Causal: key ``j`` is visible to query ``i`` iff ``j <= i + (Lk - Lq)`` (top-left aligned when
+  Lq == Lk, bottom-right aligned otherwise, the KV-cache convention). Queries that see no key (causal
+  with Lq > Lk, or every key padded out) give zeros, zero gradients and an LSE of ``-inf``.
+* Relative position: query ``i`` sits at position ``i + (Lk - Lq)``, so its relative position to key
+  ``j`` is ``j - i - (Lk - Lq)`` (Hugging Face T5 with ``past_seen_tokens = Lk - Lq``). The host maps
+  each of the ``Lq + Lk - 1`` diagonals to its T5 bucket once (``bucket``, int32, indexed by
+  ``j - i + Lq - 1``); the kernels read ``table[bucket, h]`` per diagonal and never materialise the
+  (Hq, Lq, Lk) bias. The table gradient is summed per diagonal inside a tile (a skewed copy of the dS
+  tile made with ``tl.gather``), then per bucket, in registers; each dK/dV program writes one partial
+  per query head, reduced on the host: no atomics.
+* Dropout on the probabilities with probability ``p``: element ``(b, h, i, j)`` is kept iff
+  ``tl.rand(seed, offset) >= p`` with the int64 ``offset = ((b * Hq + h) * Lq + i) * Lk + j``; kept
+  probabilities are scaled by ``1 / (1 - p)``. ``tl.rand`` is Philox4x32 with 10 rounds, counter
+  ``(lo32(offset), hi32(offset), 0, 0)``, key ``(lo32(seed), hi32(seed))``; its first output word ``x``,
+  read as int32, becomes ``float32(x < 0 ? ~x : x) * 4.6566127342e-10``. The backward pass regenerates
+  the same mask from the same seed.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import empty
+
+
+@triton.jit
+def _tile(base, b, h, sb, sh, offs_r, sr, offs_d, sd):
+    """Pointers to the (rows, BLOCK_D) tile of (b, h): base + b*sb + h*sh + r*sr + d*sd, 64-bit offsets."""
+    return base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + offs_r[:, None] * sr + offs_d[None, :] * sd
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+            BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_RELPOS: tl.constexpr, REL_W: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of one (BLOCK_M, BLOCK_N) tile in base 2 (natural scores times log2(e)), -inf where masked."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    s = qk * (sm_scale * LOG2E)
+    if HAS_BIAS:
+        bias = tl.load(BIAS_BH + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inb, other=0.0)
+        s += bias.to(tl.float32) * LOG2E
+    if HAS_RELPOS:
+        # the tile's diagonals j - i + Lq - 1 are d0 + t, t in [0, BLOCK_M + BLOCK_N - 1)
+        d0 = start_n - start_m - (BLOCK_M - 1) + Lq - 1
+        offs_t = d0 + tl.arange(0, REL_W)
+        t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
+        bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=0)
+        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32) * LOG2E  # (REL_W,)
+        rel_tile = tl.broadcast_to(rel[None, :], (BLOCK_M, REL_W))
+        diag = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
+        s += tl.gather(rel_tile, diag, 1)  # (BLOCK_M, BLOCK_N)
+    valid = inb
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    if HAS_MASK:
+        keep = tl.load(MASK_B + offs_n * smn, mask=offs_n < Lk, other=0)
+        valid = valid & (keep != 0)[None, :]
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the keys a Q tile can see: causal cuts at the diagonal, padding after the last kept key."""
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + Lk - Lq, 0))
+    if HAS_MASK:
+        hi = tl.minimum(hi, tl.load(KV_LEN + b))
+    return hi
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
+    """Keep-mask of one tile: tl.rand at offset ((b * Hq + h) * Lq + i) * Lk + j (int64)."""
+    row = (b * Hq + h).to(tl.int64) * Lq + offs_m.to(tl.int64)
+    offset = row[:, None] * Lk + offs_n.to(tl.int64)[None, :]
+    return tl.rand(seed, offset) >= dropout_p
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, lo, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+               K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+               REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
+        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
+    Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    md_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
+    K_BH = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V_BH = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    MASK_B = MASK + b.to(tl.int64) * smb
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M)
+    mid = 0
+    if CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
+        mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, q, 0, mid, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+            K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+            False, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+        )
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, mid, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+        K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+    )
+
+    empty = l_i == 0.0  # no visible key: zeros, LSE -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    tl.store(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), out.to(Out.dtype.element_ty), mask=md_ok)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Lq,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), mask=ok, other=0.0)
+    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
+    Hq, Hkv, Lq, Lk, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    nd_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
+    k = tl.load(_tile(K, b, hk, skb, skh, offs_n, skn, offs_d, skd), mask=nd_ok, other=0.0)  # (BN, BD)
+    v = tl.load(_tile(V, b, hk, svb, svh, offs_n, svn, offs_d, svd), mask=nd_ok, other=0.0)  # (BN, BD)
+    MASK_B = MASK + b.to(tl.int64) * smb
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    lo = 0
+    if CAUSAL:  # first query that sees key start_n
+        lo = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
+    hi = Lq
+    if HAS_MASK:  # no query sees a tile after the last kept key: dK = dV = 0
+        hi = tl.where(start_n < tl.load(KV_LEN + b), Lq, lo)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Q_BH = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        DO_BH = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+        ROW_BH = (b * Hq + h).to(tl.int64) * Lq
+        dtable = tl.zeros((BLOCK_NB,), tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q_BH + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
+            do = tl.load(DO_BH + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md_ok, other=0.0)
+            lse = tl.load(LSE + ROW_BH + offs_m, mask=m_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + ROW_BH + offs_m, mask=m_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+                        BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+                        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+            p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            if DROPOUT:
+                keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
+                p_drop = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_drop = p
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # dL/ds, (BLOCK_M, BLOCK_N) fp32
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if WRITE_DBIAS:
+                tl.store(DBIAS + (ROW_BH + offs_m[:, None]) * Lk + offs_n[None, :], ds,
+                         mask=m_ok[:, None] & (offs_n[None, :] < Lk))
+            if WRITE_DTABLE:
+                # skew: row i of ds shifted right by (BLOCK_M - 1 - i), so column t holds diagonal t
+                t = tl.arange(0, REL_W)[None, :]
+                src = t - (BLOCK_M - 1) + tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, REL_W)
+                src_ok = (src >= 0) & (src < BLOCK_N)
+                skewed = tl.gather(ds, tl.where(src_ok, src, 0), 1)
+                diag_sum = tl.sum(tl.where(src_ok, skewed, 0.0), 0)  # (REL_W,)
+                offs_t = start_n - start_m - (BLOCK_M - 1) + Lq - 1 + tl.arange(0, REL_W)
+                t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
+                bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=-1)
+                onehot = bucket[:, None] == tl.arange(0, BLOCK_NB)[None, :]  # (REL_W, BLOCK_NB)
+                dtable += tl.sum(tl.where(onehot, diag_sum[:, None], 0.0), 0)
+        if WRITE_DTABLE:
+            offs_nb = tl.arange(0, BLOCK_NB)
+            row = ((b * Hq + h).to(tl.int64) * tl.num_programs(0) + pid_n) * NUM_BUCKETS
+            tl.store(DTABLE + row + offs_nb, dtable, mask=offs_nb < NUM_BUCKETS)
+
+    dk = dk * sm_scale
+    tl.store(_tile(DK, b, hk, sdkb, sdkh, offs_n, sdkn, offs_d, sdkd), dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(DV, b, hk, sdvb, sdvh, offs_n, sdvn, offs_d, sdvd), dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, MASK, KV_LEN, TABLE, BUCKET,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
+    Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
+    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=md_ok, other=0.0)
+    ROW_BH = pid_bh.to(tl.int64) * Lq
+    lse = tl.load(LSE + ROW_BH + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + ROW_BH + offs_m, mask=m_ok, other=0.0)
+    K_BH = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V_BH = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    MASK_B = MASK + b.to(tl.int64) * smb
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        vt = tl.load(V_BH + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    dq = dq * sm_scale
+    tl.store(_tile(DQ, b, h, sdqb, sdqh, offs_m, sdqm, offs_d, sdqd), dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+def _config(head_dim, device, backward, has_score_bias):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles under the CPU interpreter, fixed GPU tiles
+    per head dim (no autotuning), chosen so that sm_90 builds spill little or nothing: an additive or
+    T5 bias keeps forward's BLOCK_M at 64 (the bias tile, or the skewed (BLOCK_M, BLOCK_M + BLOCK_N)
+    T5 tile, must fit in registers next to the accumulator)."""
+    if device.type == "cpu":
+        return 16, 16, 1, 1
+    if head_dim > 128:
+        return (32, 32, 8, 1) if backward else (64, 32, 8, 2)
+    if backward:
+        return 64, 64, 8, 2
+    return (64 if has_score_bias else 128), 64, 8, (3 if head_dim <= 64 else 2)
+
+
+def _flags(q, causal, bias, mask, table, dropout_p, backward):
+    """Compile-time flags and launch options shared by the kernels; returns (block_m, block_n, flags)."""
+    D = q.shape[-1]
+    block_m, block_n, num_warps, num_stages = _config(D, q.device, backward, bias is not None or table is not None)
+    flags = {
+        "HEAD_DIM": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
+        "HAS_RELPOS": table is not None, "REL_W": triton.next_power_of_2(block_m + block_n - 1),
+        "DROPOUT": dropout_p > 0.0, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": num_warps, "num_stages": num_stages,
+    }
+    return block_m, block_n, flags
+
+
+def _extras(q, bias, mask, table, bucket):
+    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones. With a
+    mask, kv_len (B,) int32 is one past the last kept key of each sequence: tiles after it are skipped."""
+    dummy = q.new_empty(1)
+    kv_len = None
+    if mask is not None:
+        positions = torch.arange(1, mask.shape[1] + 1, dtype=torch.int32, device=mask.device)  # (Lk,)
+        kv_len = torch.where(mask, positions, 0).amax(dim=1)  # (B,)
+    bias_strides = (0, 0, 0, 0) if bias is None else bias.stride()
+    mask_strides = (0, 0) if mask is None else mask.stride()
+    table_strides = (0, 0) if table is None else (table.stride(1), table.stride(0))
+    ptrs = (
+        dummy if bias is None else bias,
+        dummy if mask is None else mask.view(torch.uint8),
+        dummy if kv_len is None else kv_len,
+        dummy if table is None else table,
+        dummy if bucket is None else bucket,
+    )
+    return ptrs, (*bias_strides, *mask_strides, *table_strides)
+
+
+def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p):
+    """Launch the forward kernel.
+
+    q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) any strides; bias (B, Hq, Lq, Lk) (zero strides allowed) or
+    None; mask (B, Lk) bool or None; table (num_buckets, Hq) with bucket (Lq + Lk - 1,) int32, or None;
+    seed (1,) int64. Returns o (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) fp32 (natural log).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    lse = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    if o.numel() == 0 or Lk == 0:  # no key at all: zeros
+        return o.zero_(), lse.fill_(float("-inf"))
+    block_m, _, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=False)
+    ptrs, strides = _extras(q, bias, mask, table, bucket)
+    _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, o, lse, *ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
+        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, int(seed.item()) if dropout_p > 0.0 else 0, **flags,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias,
+                  need_dtable):
+    """Launch the backward kernels.
+
+    Arguments as attention_fwd, plus do (B, Hq, Lq, D) and forward's o and lse. Returns dq, dk, dv
+    (shapes and dtypes of q, k, v); dbias (B, Hq, Lq, Lk) fp32, the gradient of the expanded bias (the
+    caller reduces it over broadcast dims), when need_dbias; dtable (num_buckets, Hq) fp32 when
+    need_dtable; empty (0,) tensors otherwise.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dq = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
+    dk = empty((B, Hkv, Lk, D), dtype=k.dtype, device=k.device)  # (B, Hkv, Lk, D)
+    dv = empty((B, Hkv, Lk, D), dtype=v.dtype, device=v.device)  # (B, Hkv, Lk, D)
+    # causal programs skip the tiles above the diagonal: their zeros are written here
+    dbias = torch.zeros((B, Hq, Lq, Lk) if need_dbias else (0,), dtype=torch.float32, device=q.device)
+    num_buckets = table.shape[0] if need_dtable else 0
+    if dq.numel() == 0 or dk.numel() == 0:
+        dtable = torch.zeros((num_buckets, Hq) if need_dtable else (0,), dtype=torch.float32, device=q.device)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable
+    block_m, block_n, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=True)
+    ptrs, strides = _extras(q, bias, mask, table, bucket)
+    seed = int(seed.item()) if dropout_p > 0.0 else 0
+    delta = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, Lq,
+        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+    )
+    n_kblocks = triton.cdiv(Lk, block_n)
+    dtable = empty((B, Hq, n_kblocks, num_buckets) if need_dtable else (0,), dtype=torch.float32,
+                   device=q.device)  # (B, Hq, nK, NB): one partial per dK/dV program and query head
+    dummy = q.new_empty(1)
+    _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv,
+        dbias if need_dbias else dummy, dtable if need_dtable else dummy, *ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
+        Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed,
+        WRITE_DBIAS=need_dbias, WRITE_DTABLE=need_dtable,
+        BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **flags,
+    )
+    _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+        q, k, v, do, lse, delta, dq, *ptrs,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
+        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
+    )
+    if need_dtable:
+        dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)
+    return dq, dk, dv, dbias, dtable

@@ -1,0 +1,367 @@
+"""fastlm.attention in every backend that has its kernels, against the fp64 reference (DESIGN.md §4)."""
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.ops.attention import (
+    IMPLEMENTED,
+    RelativePositionBias,
+    attention,
+    attention_reference,
+    dropout_keep_mask,
+    relative_position_bucket,
+)
+from fastlm.testing import assert_close_to_reference, poisoned_outputs, randn
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = [name for name in IMPLEMENTED if name != "reference" and name in fastlm.available_backends(DEVICE)]
+
+
+def _run(kernel, B=2, Hq=2, Hkv=2, Lq=17, Lk=17, D=32, dtype=FP16, causal=False, pad=False, bias_shape=None,
+         rel_pos=None, dropout_p=0.0, scale=None):
+    """Forward and backward of fastlm.attention on `kernel` and of the reference (fp64 oracle and
+    same-dtype baseline, given the kernel's dropout mask); compare the output and every gradient."""
+    q = randn(B, Hq, Lq, D, dtype=dtype, device=DEVICE)
+    k = randn(B, Hkv, Lk, D, dtype=dtype, device=DEVICE)
+    v = randn(B, Hkv, Lk, D, dtype=dtype, device=DEVICE)
+    leaves = {"q": q, "k": k, "v": v}
+    mask = None
+    if pad == "right":  # BERT-style: whole key tiles after each sequence's end are skipped
+        lengths = torch.tensor([Lk // 3, Lk, 1][:B], device=DEVICE)
+        mask = torch.arange(Lk, device=DEVICE)[None, :] < lengths[:, None]  # (B, Lk)
+    elif pad:
+        mask = torch.rand(B, Lk, device=DEVICE) > 0.3
+        mask[0, : Lk // 2] = False
+        mask[-1] = False  # a sequence with every key padded out
+    if bias_shape is not None:
+        leaves["attn_bias"] = randn(*bias_shape, dtype=dtype, device=DEVICE)
+    if rel_pos is not None:
+        leaves["table"] = randn(32, Hq, device=DEVICE)
+    do = randn(B, Hq, Lq, D, dtype=torch.float64, device=DEVICE)
+
+    def call(fn, dt, **extra):
+        xs = {n: t.detach().to(t.dtype if n == "table" and dt != torch.float64 else dt).requires_grad_()
+              for n, t in leaves.items()}
+        kw = {"causal": causal, "key_padding_mask": mask, "attn_bias": xs.get("attn_bias"), "scale": scale,
+              "dropout_p": dropout_p}
+        if rel_pos is not None:
+            kw["rel_pos"] = RelativePositionBias(xs["table"], bidirectional=rel_pos, max_distance=20)
+        out = fn(xs["q"], xs["k"], xs["v"], **kw, **extra)
+        grads = torch.autograd.grad(out, list(xs.values()), do.to(out.dtype))
+        return out, dict(zip(xs, grads, strict=True))
+
+    def fused(*args, **kw):
+        with fastlm.use_backend(kernel), poisoned_outputs():
+            return attention(*args, **kw)
+
+    rng = torch.get_rng_state()  # attention draws its dropout seed from it
+    out, grads = call(fused, dtype)
+    extra = {}
+    if dropout_p > 0.0:
+        torch.set_rng_state(rng)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        extra["dropout_mask"] = dropout_keep_mask(seed, (B, Hq, Lq, Lk), dropout_p, DEVICE)
+    oracle, oracle_grads = call(attention_reference, torch.float64, **extra)
+    base, base_grads = call(attention_reference, dtype, **extra)
+    assert out.shape == (B, Hq, Lq, D) and out.dtype == dtype
+    assert_close_to_reference(out, oracle, base, factor=2.0, name=f"{kernel} out")
+    for name, grad in grads.items():
+        assert grad.shape == leaves[name].shape and grad.dtype == leaves[name].dtype
+        assert_close_to_reference(grad, oracle_grads[name], base_grads[name], factor=3.0,
+                                  name=f"{kernel} d{name}")
+    return out, grads
+
+
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "causal_bottom_right": {"causal": True, "Lq": 17, "Lk": 40},
+    "causal_lq_gt_lk": {"causal": True, "Lq": 40, "Lk": 17},
+    "padding": {"pad": True},
+    "right_padding": {"pad": "right", "B": 3, "Lq": 40, "Lk": 70},
+    "right_padding_causal_gqa": {"pad": "right", "B": 3, "Hq": 4, "Hkv": 2, "Lq": 40, "Lk": 40,
+                                 "causal": True},
+    "cross": {"Lq": 9, "Lk": 33},
+    "gqa": {"Hq": 4, "Hkv": 2},
+    "mqa": {"Hq": 3, "Hkv": 1},
+    "bias_full": {"bias_shape": (2, 2, 17, 17)},
+    "bias_head": {"bias_shape": (1, 2, 17, 17)},
+    "bias_batch_key": {"bias_shape": (2, 1, 1, 17)},
+    "bias_2d": {"bias_shape": (17, 17)},
+    "rel_pos_encoder": {"rel_pos": True, "Lq": 40, "Lk": 40, "scale": 1.0},
+    "rel_pos_decoder": {"rel_pos": False, "causal": True, "Lq": 40, "Lk": 40, "scale": 1.0},
+    "dropout": {"dropout_p": 0.25},
+    "padding_rel_pos_dropout": {"pad": True, "rel_pos": True, "dropout_p": 0.1, "Lq": 20, "Lk": 33},
+    "causal_gqa": {"causal": True, "Hq": 4, "Hkv": 2, "Lq": 33, "Lk": 33},
+    "cross_padding": {"pad": True, "Lq": 20, "Lk": 9},
+    "everything": {"causal": True, "pad": True, "bias_shape": (1, 4, 1, 33), "rel_pos": False,
+                   "dropout_p": 0.2, "Hq": 4, "Hkv": 2, "Lq": 17, "Lk": 33},
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [FP16, BF16, FP32], ids=str)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features(kernel, feature, dtype):
+    _run(kernel, dtype=dtype, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("Lq", [1, 17, 64, 130])
+@pytest.mark.parametrize("Lk", [1, 17, 64, 130])
+def test_lengths(kernel, Lq, Lk):
+    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=16, causal=(Lq + Lk) % 2 == 0, pad=Lk > 1)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("D", [16, 24, 40, 64, 80, 96, 128, 256])
+def test_head_dims(kernel, D):
+    _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, dtype=BF16 if D in (80, 128) else FP16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", [
+    {"B": 2, "Hq": 12, "Hkv": 12, "Lq": 512, "Lk": 512, "D": 64, "pad": "right"},
+    {"B": 2, "Hq": 8, "Hkv": 2, "Lq": 1000, "Lk": 1000, "D": 64, "causal": True, "pad": True, "rel_pos": False,
+     "dropout_p": 0.1},
+    {"B": 2, "Hq": 4, "Hkv": 4, "Lq": 333, "Lk": 777, "D": 96, "bias_shape": (1, 4, 333, 777)},
+    {"B": 1, "Hq": 4, "Hkv": 4, "Lq": 2048, "Lk": 2048, "D": 128, "causal": True},
+], ids=["bert", "t5-decoder-gqa", "cross-bias-d96", "long-causal-d128"])
+def test_gpu_tiles(kernel, case):
+    """Real GPU tiles (64-128 wide, several per row) on BERT/T5/long shapes, in bf16."""
+    _run(kernel, dtype=BF16, **case)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_masked_rows_give_zeros(kernel):
+    q = randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
+    k = randn(2, 2, 7, 16, device=DEVICE, requires_grad=True)
+    v = randn(2, 2, 7, 16, device=DEVICE, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    with fastlm.use_backend(kernel), poisoned_outputs():
+        o, lse = attention(q, k, v, key_padding_mask=mask, return_lse=True)
+        o.sum().backward()
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.equal(grad[1], torch.zeros_like(grad[1])) and torch.isfinite(grad).all()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's row max of a NaN row
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_propagates(kernel):
+    q, k, v = (randn(2, 2, 20, 16, device=DEVICE) for _ in range(3))
+    q[0, 1, 3, 5] = float("nan")  # one query row
+    v[1, 0, 7, 2] = float("nan")  # one value: every output of (b=1, h=0) at d=2
+    with fastlm.use_backend(kernel):
+        out = attention(q, k, v)
+    expected = attention_reference(q.double(), k.double(), v.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.isnan(out[0, 1, 3]).all() and torch.isnan(out[1, 0, :, 2]).all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_strided_views_of_fused_qkv(kernel):
+    """q, k, v as the (B, H, L, D) views of a fused (B, L, 3, H, D) projection: used without copies."""
+    B, L, H, D = 2, 19, 3, 32
+    qkv = randn(B, L, 3, H, D, dtype=FP16, device=DEVICE)  # (B, L, 3, H, D)
+    dout = randn(B, H, L, D, dtype=torch.float64, device=DEVICE)
+
+    def grads(fn, dtype):
+        x = qkv.detach().to(dtype).requires_grad_()
+        q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), non-contiguous views
+        out = fn(q, k, v, causal=True)
+        out.backward(dout.to(out.dtype))
+        return out, x.grad
+
+    def fused(*args, **kw):
+        with fastlm.use_backend(kernel), poisoned_outputs():
+            return attention(*args, **kw)
+
+    out, dqkv = grads(fused, FP16)
+    oracle, oracle_dqkv = grads(attention_reference, torch.float64)
+    base, base_dqkv = grads(attention_reference, FP16)
+    assert_close_to_reference(out, oracle, base, name="out")
+    assert_close_to_reference(dqkv, oracle_dqkv, base_dqkv, factor=3.0, name="dqkv")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_return_lse(kernel):
+    q, k, v = (randn(2, 2, L, 32, device=DEVICE) for L in (17, 30, 30))
+    with fastlm.use_backend(kernel), poisoned_outputs():
+        out, lse = attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(out, attention(q, k, v, causal=True))
+    assert lse.shape == (2, 2, 17) and lse.dtype == torch.float32
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)  # (B, H, Lq, Lk)
+    s = s.masked_fill(~torch.ones(17, 30, dtype=torch.bool, device=DEVICE).tril(30 - 17), float("-inf"))
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    with fastlm.use_backend("reference"):
+        torch.testing.assert_close(attention(q, k, v, causal=True, return_lse=True)[1], lse)
+
+
+def test_relative_position_bucket_matches_hf_t5():
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    hf_bucket = t5.T5Attention._relative_position_bucket
+    relative = torch.arange(-300, 300)
+    for bidirectional in (True, False):
+        for buckets, max_distance in ((32, 128), (16, 40)):
+            expected = hf_bucket(relative, bidirectional, buckets, max_distance)
+            actual = relative_position_bucket(relative, bidirectional, buckets, max_distance)
+            assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dropout_mask_matches_kernel_and_rate(kernel):
+    """q = 0 makes the probabilities uniform; v = identity then reads the kernel's keep-mask back."""
+    B, H, L, p = 2, 2, 64, 0.3
+    q = torch.zeros(B, H, L, L, device=DEVICE)
+    k = randn(B, H, L, L, device=DEVICE)
+    v = torch.eye(L, device=DEVICE).expand(B, H, L, L)  # (B, H, Lk, D=Lk)
+    torch.manual_seed(123)
+    with fastlm.use_backend(kernel):
+        out = attention(q, k, v, dropout_p=p)
+        torch.manual_seed(123)
+        assert torch.equal(attention(q, k, v, dropout_p=p), out)  # a fixed seed reproduces the output
+    kept = out * L * (1 - p) > 0.5  # (B, H, Lq, Lk)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    assert torch.equal(kept, dropout_keep_mask(seed, (B, H, L, L), p, DEVICE))
+    assert abs((1 - kept.float().mean().item()) - p) < 4 * math.sqrt(p * (1 - p) / kept.numel())
+    torch.manual_seed(123)
+    with fastlm.use_backend("reference"):
+        torch.testing.assert_close(attention(q, k, v, dropout_p=p), out)  # every backend, one stream
+
+
+def test_float64_runs_on_reference_and_refuses_kernels():
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q))
+    for kernel in KERNELS:
+        with fastlm.use_backend(kernel), pytest.raises(RuntimeError, match="no attention on torch.float64"):
+            attention(q, q, q)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_inputs(kernel):
+    empty = torch.randn(0, 2, 5, 16, device=DEVICE)
+    q = torch.randn(1, 2, 3, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 0, 16, device=DEVICE, requires_grad=True)
+    with fastlm.use_backend(kernel):
+        assert attention(empty, empty, empty).shape == (0, 2, 5, 16)
+        out = attention(q, k, k)  # no keys at all: zeros
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_custom_ops_pass_opcheck(kernel):
+    """The torch.library registration: schema, fake (meta) implementations, autograd and AOT dispatch."""
+    ops = importlib.import_module("fastlm.ops.attention")  # the module; fastlm.ops.attention is the function
+    q = randn(1, 2, 5, 16, device=DEVICE)
+    k, v = randn(1, 1, 7, 16, device=DEVICE), randn(1, 1, 7, 16, device=DEVICE)
+    mask = torch.tensor([[True] * 5 + [False] * 2], device=DEVICE)
+    table = randn(8, 2, device=DEVICE)
+    bucket = RelativePositionBias(table, True, 16).diagonal_buckets(5, 7).to(torch.int32)
+    bias = randn(1, 2, 1, 7, device=DEVICE).expand(1, 2, 5, 7)
+    args = (q, k, v, bias, mask, table, bucket, torch.tensor([123]), True, 0.25, 0.1, kernel)
+    torch.library.opcheck(ops._attention_fwd.op, args)
+    o, lse = ops._attention_fwd(*args)
+    torch.library.opcheck(ops._attention_bwd.op, (torch.randn_like(o), *args[:3], o, lse, *args[3:-1], True, True,
+                                                  kernel))
+
+
+SM90_BUILD = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlm.kernels import attention as A
+
+dtype, D, features = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "BIAS"}
+fp32_pointers = {"LSE", "DELTA", "DBIAS", "DTABLE", "TABLE"}
+int_pointers = {"MASK": "*u8", "KV_LEN": "*i32", "BUCKET": "*i32"}
+for backward in (False, True):
+    q = torch.empty(1, 1, 1, D, dtype=getattr(torch, dtype), device="meta")
+    bias = q if "bias" in features else None
+    table = q if "relpos" in features else None
+    mask = q if "mask" in features else None
+    block_m, _, flags = A._flags(q, "causal" in features, bias, mask, table, 0.1 * ("dropout" in features),
+                                 backward)
+    options = {"num_warps": flags.pop("num_warps"), "num_stages": flags.pop("num_stages")}
+    kernels = [A._bwd_dq_kernel, A._bwd_dkdv_kernel] if backward else [A._fwd_kernel]
+    for kernel in kernels:
+        constexprs = dict(flags)
+        if kernel is A._bwd_dkdv_kernel:
+            constexprs.update(WRITE_DBIAS=bias is not None, WRITE_DTABLE=table is not None, BLOCK_NB=32)
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = "*" + {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+            elif name in fp32_pointers:
+                signature[name] = "*fp32"
+            elif name in int_pointers:
+                signature[name] = int_pointers[name]
+            else:
+                signature[name] = {"sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        print(kernel.__name__, dtype, D, features, "shared", compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, D, features", [
+    ("bfloat16", 64, ["causal", "mask", "dropout"]),
+    ("float16", 96, ["bias", "relpos"]),
+    ("bfloat16", 128, ["causal"]),
+])
+def test_kernels_build_for_sm90(dtype, D, features):
+    """Every kernel compiles to sm_90 code (Triton's own ptxas, no GPU needed): catches what only a
+    GPU build checks (layouts, tl.gather, dot shapes), which the interpreter does not."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", SM90_BUILD, dtype, str(D), *features], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+
+
+BAD_INPUTS = [
+    ("head dims", lambda q, k, v: attention(q, k[..., :8], v[..., :8]), ValueError, "head dims"),
+    ("Hq % Hkv", lambda q, k, v: attention(torch.randn(2, 3, 7, 16), k, v), ValueError, "multiple"),
+    ("k/v shapes", lambda q, k, v: attention(q, k, v[:, :, :5]), ValueError, "same shape"),
+    ("3-D q", lambda q, k, v: attention(q[0], k, v), ValueError, "q must be 4-D"),
+    ("mixed dtypes", lambda q, k, v: attention(q, k.half(), v), TypeError, "k dtype"),
+    ("mask shape", lambda q, k, v: attention(q, k, v, key_padding_mask=torch.ones(2, 5).bool()), ValueError,
+     "key_padding_mask"),
+    ("mask dtype", lambda q, k, v: attention(q, k, v, key_padding_mask=torch.ones(2, 9)), TypeError,
+     "key_padding_mask"),
+    ("bias shape", lambda q, k, v: attention(q, k, v, attn_bias=torch.zeros(2, 4, 7, 9)), ValueError,
+     "attn_bias"),
+    ("table shape", lambda q, k, v: attention(q, k, v, rel_pos=RelativePositionBias(torch.zeros(32, 3))),
+     ValueError, "rel_pos.table"),
+    ("dropout_p", lambda q, k, v: attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    ("not a tensor", lambda q, k, v: attention(q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),
+    ("devices", lambda q, k, v: attention(q, k.to("meta"), v), ValueError, "k is on meta"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(case):
+    _, fn, exc, words = case
+    q, k, v = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    with pytest.raises(exc, match=words):
+        fn(q, k, v)
