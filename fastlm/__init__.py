@@ -1,13 +1,15 @@
 """fastlm: fused attention, cross-entropy and norm kernels for BERT-, GPT- and T5-style training.
 
 Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
-fastlm.cross_entropy, fastlm.linear_cross_entropy. Models: fastlm.models.
-Modules: fastlm.nn. Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
+fastlm.cross_entropy, fastlm.linear_cross_entropy; BERT's masking: fastlm.mlm_mask (fastlm.data).
+Models: fastlm.models. Modules: fastlm.nn.
+Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
 """
 
 from . import models, nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
+from .data import mlm_mask
 from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "info",
     "layer_norm",
     "linear_cross_entropy",
+    "mlm_mask",
     "models",
     "nn",
     "ops",

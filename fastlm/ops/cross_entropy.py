@@ -116,9 +116,8 @@ def _is_one(g):
 
 def _row_scale(count, rows, reduction, device):
     """Per-row gradient factor (rows,) fp32: 1 / (number of labelled rows) for mean, else 1."""
-    if reduction == "mean":
-        return (1.0 / count.clamp_min(1).float()).expand(rows).contiguous()
-    return torch.ones(rows, dtype=torch.float32, device=device)
+    ones = torch.ones(rows, dtype=torch.float32, device=device)
+    return ones / count.clamp_min(1) if reduction == "mean" else ones
 
 
 def _reduce(loss_rows, count, reduction):

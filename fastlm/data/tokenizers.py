@@ -1,0 +1,144 @@
+"""Tokenizers for the three families, trained with Hugging Face's ``tokenizers`` or loaded from a folder.
+
+BERT: WordPiece with [PAD] [UNK] [CLS] [SEP] [MASK]; GPT: byte-level BPE with <|endoftext|>; T5: Unigram with
+<pad> </s> <unk> and 100 sentinels <extra_id_0> ... <extra_id_99>. ``Tokenizer`` wraps the HF object with the
+ids the objectives need.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+__all__ = ["FAMILIES", "NUM_SENTINELS", "Tokenizer", "load_tokenizer", "train_tokenizer"]
+
+FAMILIES = ("bert", "gpt", "t5")
+NUM_SENTINELS = 100
+_SPECIALS = {
+    "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "gpt": ["<|endoftext|>"],
+    "t5": ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)],
+}
+
+
+@dataclass
+class Tokenizer:
+    """An HF ``tokenizers.Tokenizer`` plus the special ids of its family.
+
+    pad_id / eos_id / mask_id / cls_id / sep_id are None where the family has no such token;
+    sentinel_ids (T5) lists <extra_id_0> ... <extra_id_99> in order.
+    """
+
+    hf: HFTokenizer
+    family: str
+    pad_id: int | None = None
+    eos_id: int | None = None
+    mask_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    sentinel_ids: list = field(default_factory=list)
+
+    @property
+    def vocab_size(self):
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self):
+        """Ids never masked or corrupted by an objective."""
+        ids = [self.pad_id, self.eos_id, self.mask_id, self.cls_id, self.sep_id, *self.sentinel_ids]
+        return tuple(sorted({i for i in ids if i is not None}))
+
+    def encode(self, text):
+        """Token ids of ``text`` without the family's special tokens (list[int])."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory):
+        """Write tokenizer.json and fastlm_tokenizer.json (the family) into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        self.hf.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "fastlm_tokenizer.json"), "w") as f:
+            json.dump({"family": self.family}, f)
+
+    def check_fits(self, vocab_size, what="the model"):
+        """ValueError when this tokenizer produces ids that ``vocab_size`` embeddings cannot hold."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.vocab_size} tokens but {what} has vocab_size={vocab_size}; "
+                f"train a smaller tokenizer (--vocab-size) or use a model with a larger vocabulary"
+            )
+
+
+def _wrap(hf, family):
+    def tid(token):
+        return hf.token_to_id(token)
+
+    if family == "bert":
+        names = {"pad_id": "[PAD]", "mask_id": "[MASK]", "cls_id": "[CLS]", "sep_id": "[SEP]"}
+        ids = {k: tid(v) for k, v in names.items()}
+        return Tokenizer(hf, family, eos_id=None, **ids)
+    if family == "gpt":
+        eos = tid("<|endoftext|>")
+        return Tokenizer(hf, family, pad_id=eos, eos_id=eos)
+    sentinels = [tid(f"<extra_id_{i}>") for i in range(NUM_SENTINELS)]
+    return Tokenizer(hf, family, pad_id=tid("<pad>"), eos_id=tid("</s>"), sentinel_ids=sentinels)
+
+
+def _check_family(family):
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
+def train_tokenizer(family, texts, vocab_size=8000):
+    """Train the family's tokenizer on an iterable of strings ``texts``; returns a ``Tokenizer``."""
+    _check_family(family)
+    specials = _SPECIALS[family]
+    if vocab_size <= len(specials) + 1:
+        raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens, got {vocab_size}")
+    if family == "bert":
+        hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+        hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    elif family == "gpt":
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+    else:
+        hf = HFTokenizer(models.Unigram())
+        hf.normalizer = normalizers.NFKC()
+        hf.pre_tokenizer = pre_tokenizers.Metaspace()
+        hf.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    hf.train_from_iterator(texts, trainer=trainer)
+    tok = _wrap(hf, family)
+    if family == "bert":
+        hf.post_processor = processors.BertProcessing(("[SEP]", tok.sep_id), ("[CLS]", tok.cls_id))
+    return tok
+
+
+def load_tokenizer(directory, family):
+    """A ``Tokenizer`` from a folder holding tokenizer.json (a fastlm output or an HF model folder)."""
+    _check_family(family)
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer: no tokenizer.json in {directory!r}")
+    tok = _wrap(HFTokenizer.from_file(path), family)
+    need = {"bert": ("pad_id", "mask_id", "cls_id", "sep_id"), "gpt": ("eos_id",), "t5": ("pad_id", "eos_id")}[family]
+    missing = [n for n in need if getattr(tok, n) is None]
+    if family == "t5" and None in tok.sentinel_ids:
+        missing.append("sentinels <extra_id_0..99>")
+    if missing:
+        raise ValueError(f"tokenizer in {directory!r} lacks the {family} special tokens: {', '.join(missing)}")
+    return tok

@@ -1,0 +1,60 @@
+"""Training checkpoints: written atomically (a temporary file in the same folder, then a rename), so a run
+killed while saving leaves the previous checkpoints intact; read back with clear errors."""
+
+import os
+import re
+
+import torch
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint"]
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def save_checkpoint(state, directory, step):
+    """Write ``state`` (a dict of tensors and plain values) to ``directory``/step-<step>.pt atomically."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step-{step:08d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _steps(directory):
+    if not os.path.isdir(directory):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(directory) if (m := _NAME.match(n))]
+    return sorted(found)
+
+
+def latest_checkpoint(directory):
+    """The path of the newest step-*.pt in ``directory``, or None."""
+    steps = _steps(directory)
+    return os.path.join(directory, steps[-1][1]) if steps else None
+
+
+def prune_checkpoints(directory, keep):
+    """Delete all but the ``keep`` newest checkpoints (and stale .tmp files of killed saves)."""
+    for _, name in _steps(directory)[:-keep]:
+        os.remove(os.path.join(directory, name))
+    for name in os.listdir(directory):
+        if name.endswith(".pt.tmp"):
+            os.remove(os.path.join(directory, name))
+
+
+def load_checkpoint(path):
+    """The state dict saved at ``path``; ValueError naming the file when it is missing, unreadable or
+    truncated (the file is left as it is)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle, a text file: all are unusable checkpoints
+        raise ValueError(f"checkpoint {path!r} is unreadable or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise ValueError(f"checkpoint {path!r} is not a fastlm training checkpoint")
+    return state

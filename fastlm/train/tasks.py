@@ -1,0 +1,175 @@
+"""The three pretraining objectives as tasks: which model, how examples are cut from the corpus, how a batch
+is corrupted, and what the evaluation measures. A task's batches are pure functions of (examples, generator),
+so a run is reproducible from its seed and step."""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from .. import models
+from ..data import mlm_mask, nsp_pairs, pack_blocks, span_corrupt, span_corruption_lengths
+
+__all__ = ["TASKS", "BertTask", "GPTTask", "T5Task", "finish_metrics", "get_task"]
+
+
+class Task:
+    """Base of the per-family tasks. ``examples`` is a dict of CPU tensors with one row per example."""
+
+    family = ""
+    config_class = None
+    model_class = None
+    presets = {}
+    dropout_fields = ()
+
+    def config(self, preset, tokenizer, dropout=None):
+        """The model config of ``preset`` ("tiny" or a full preset name) sized to the tokenizer's vocabulary."""
+        name = self.presets.get(preset, preset)
+        overrides = {"vocab_size": tokenizer.vocab_size, **self.token_overrides(tokenizer)}
+        if dropout is not None and dropout >= 0:
+            overrides.update(dict.fromkeys(self.dropout_fields, dropout))
+        return self.config_class.preset(name, **overrides)
+
+    def token_overrides(self, tokenizer):
+        return {}
+
+    def tokens_per_example(self, examples):
+        return sum(int(v.shape[1]) for k, v in examples.items() if k in ("input_ids", "tokens"))
+
+
+class BertTask(Task):
+    """MLM (80/10/10 at 15%, an exact count per sequence) plus NSP on [CLS] A [SEP] B [SEP] pairs."""
+
+    family = "bert"
+    config_class = models.BertConfig
+    model_class = models.BertForPreTraining
+    presets = {"tiny": "bert-tiny", "base": "bert-base", "large": "bert-large"}
+    dropout_fields = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+    def token_overrides(self, tokenizer):
+        return {"pad_token_id": tokenizer.pad_id}
+
+    def examples(self, docs, tokenizer, seq_len, generator):
+        ids, types, nsp = nsp_pairs(
+            docs, seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, generator=generator
+        )
+        return {"input_ids": ids, "token_type_ids": types, "next_sentence_label": nsp}
+
+    def batch(self, rows, tokenizer, generator, device):
+        ids = rows["input_ids"].to(device)
+        masked, labels = mlm_mask(
+            ids,
+            mask_token_id=tokenizer.mask_id,
+            vocab_size=tokenizer.vocab_size,
+            special_ids=tokenizer.special_ids,
+            generator=generator,
+            exact=True,
+        )
+        return {
+            "input_ids": masked,
+            "token_type_ids": rows["token_type_ids"].to(device),
+            "labels": labels,
+            "next_sentence_label": rows["next_sentence_label"].to(device),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model, batch):
+        """Sums over the batch: MLM loss and hits over masked tokens, NSP hits over sequences."""
+        out = model(batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        labels = batch["labels"]
+        picked = labels != -100
+        logits = out.logits[picked].float()  # (M, V)
+        target = labels[picked]
+        mlm_loss = F.cross_entropy(logits, target, reduction="sum")
+        nsp_hits = (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
+        return {
+            "mlm_loss": (float(mlm_loss), int(target.numel())),
+            "mlm_accuracy": (int((logits.argmax(-1) == target).sum()), int(target.numel())),
+            "nsp_accuracy": (int(nsp_hits), int(labels.shape[0])),
+        }
+
+
+class GPTTask(Task):
+    """Next-token prediction over packed blocks of documents joined by <|endoftext|>."""
+
+    family = "gpt"
+    config_class = models.GPTConfig
+    model_class = models.GPTLMHeadModel
+    presets = {"tiny": "gpt2-tiny", "base": "gpt2", "medium": "gpt2-medium"}
+    dropout_fields = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    def token_overrides(self, tokenizer):
+        return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
+
+    def examples(self, docs, tokenizer, seq_len, generator):
+        return {"input_ids": pack_blocks(docs, seq_len, tokenizer.eos_id)}
+
+    def batch(self, rows, tokenizer, generator, device):
+        ids = rows["input_ids"].to(device)
+        return {"input_ids": ids, "labels": ids}
+
+    @torch.no_grad()
+    def evaluate(self, model, batch):
+        logits = model(batch["input_ids"]).logits[:, :-1].float()  # (B, L-1, V)
+        target = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        return {"loss": (float(loss), int(target.numel()))}
+
+
+class T5Task(Task):
+    """Span corruption: 15% noise in spans of mean length 3, sentinels in the input, spans in the target."""
+
+    family = "t5"
+    config_class = models.T5Config
+    model_class = models.T5ForConditionalGeneration
+    presets = {"tiny": "t5-tiny", "small": "t5-small", "base": "t5-base"}
+    dropout_fields = ("dropout_rate",)
+
+    def token_overrides(self, tokenizer):
+        return {
+            "pad_token_id": tokenizer.pad_id,
+            "eos_token_id": tokenizer.eos_id,
+            "decoder_start_token_id": tokenizer.pad_id,
+        }
+
+    def examples(self, docs, tokenizer, seq_len, generator):
+        span_corruption_lengths(seq_len)  # validates seq_len
+        return {"tokens": pack_blocks(docs, seq_len, tokenizer.eos_id)}
+
+    def batch(self, rows, tokenizer, generator, device):
+        cpu_generator = torch.Generator().manual_seed(generator.initial_seed())  # the corruption runs on the host
+        inputs, labels = span_corrupt(
+            rows["tokens"], sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id, generator=cpu_generator
+        )
+        return {"input_ids": inputs.to(device), "labels": labels.to(device)}
+
+    @torch.no_grad()
+    def evaluate(self, model, batch):
+        logits = model(batch["input_ids"], decoder_input_ids=model.shift_right(batch["labels"])).logits.float()
+        target = batch["labels"]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        hits = (logits.argmax(-1) == target).sum()
+        return {"loss": (float(loss), int(target.numel())), "token_accuracy": (int(hits), int(target.numel()))}
+
+
+TASKS = {"bert": BertTask, "gpt": GPTTask, "t5": T5Task}
+
+
+def get_task(family):
+    if family not in TASKS:
+        raise ValueError(f"model family must be one of {', '.join(TASKS)}, got {family!r}")
+    return TASKS[family]()
+
+
+def finish_metrics(sums):
+    """Ratios of summed (numerator, count) pairs; a "loss" also gives its perplexity."""
+    out = {}
+    for name, (num, count) in sums.items():
+        out[name] = num / max(count, 1)
+        if name.endswith("loss"):
+            out[name.replace("loss", "perplexity")] = math.exp(min(out[name], 50.0))
+    return out
