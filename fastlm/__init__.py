@@ -8,10 +8,11 @@ from . import nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
 from .ops import layer_norm, rms_norm
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "info", "layer_norm", "nn", "ops", "rms_norm", "use_backend"]
+__all__ = ["available_backends", "info", "layer_norm", "nn", "ops", "patch", "rms_norm", "unpatch", "use_backend"]
 
 
 def info():
