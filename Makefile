@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
 export FASTLM_REQUIRE_EXTENSION := 1
+export FASTLM_EMU ?= 1
 
 .PHONY: test bench build lint venv clean
 

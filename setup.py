@@ -4,6 +4,9 @@
 Knobs (environment variables):
   FASTLM_CUDA=0/1        force the CUDA sources off/on (default: on when torch has CUDA and nvcc exists)
   FASTLM_CUDA_ARCHS      ";"-separated compute capabilities, default "80;90", one -gencode each
+  FASTLM_EMU=0/1         also build fastlm._C_emu, the CUDA kernels compiled by the host compiler
+                         against the CUDA emulation layer (csrc/emu) for CPU tensors (default 0;
+                         `make` sets 1). Needs the CUDA headers (CUDA_HOME), not a GPU or nvcc.
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
   FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
@@ -52,6 +55,33 @@ def _cpu_flags():
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+def _emu_extension(cpp_extension, cxx_flags, include_dirs, optional):
+    """fastlm._C_emu: the glue (csrc/*.cpp) and every CUDA kernel source (csrc/cuda/*.cu) compiled by
+    the host compiler with FASTLM_EMU defined, through one generated .cpp per source that includes
+    it (so that g++ takes the .cu files, and the glue's objects do not collide with fastlm._C's)."""
+    cuda_include = Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "include"
+    if not (cuda_include / "cuda_fp16.h").exists():
+        raise SystemExit(f"FASTLM_EMU=1 needs the CUDA headers, not found in {cuda_include} (set CUDA_HOME)")
+    generated = ROOT / "build" / "emu_sources"
+    generated.mkdir(parents=True, exist_ok=True)
+    sources = _sources("csrc/emu", "*.cpp")
+    for prefix, folder, pattern in (("glue", "csrc", "*.cpp"), ("cuda", "csrc/cuda", "*.cu")):
+        for path in sorted((ROOT / folder).glob(pattern)):
+            wrapper = generated / f"{prefix}_{path.stem}.cpp"
+            text = f'#include "{path.relative_to(ROOT / "csrc")}"\n'
+            if not wrapper.exists() or wrapper.read_text() != text:
+                wrapper.write_text(text)
+            sources.append(str(wrapper.relative_to(ROOT)))
+    return cpp_extension.CppExtension(
+        "fastlm._C_emu",
+        sources,
+        include_dirs=[*include_dirs, str(cuda_include)],
+        define_macros=[("FASTLM_EMU", None)],
+        extra_compile_args={"cxx": [*cxx_flags, "-Wno-unknown-pragmas"]},
+        optional=optional,
+    )
+
+
 def _extensions():
     from torch.utils import cpp_extension
 
@@ -59,6 +89,7 @@ def _extensions():
     cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", *_cpu_flags()]
     include_dirs = [str(ROOT / "csrc")]
     sources = _sources("csrc", "*.cpp") + _sources("csrc/cpu", "*.cpp")
+    emu = [_emu_extension(cpp_extension, cxx_flags, include_dirs, optional)] if _flag("FASTLM_EMU") else []
 
     has_cuda_toolchain = cpp_extension.CUDA_HOME is not None
     torch_has_cuda = __import__("torch").version.cuda is not None
@@ -78,7 +109,8 @@ def _extensions():
                 define_macros=[("FASTLM_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                 optional=optional,
-            )
+            ),
+            *emu,
         ]
     return [
         cpp_extension.CppExtension(
@@ -87,7 +119,8 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             optional=optional,
-        )
+        ),
+        *emu,
     ]
 
 
@@ -104,7 +137,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels", "fastlm.bench"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels", "fastlm.bench": "bench"},
-    package_data={"fastlm.bench": ["results/*.json"]},
+    package_data={"fastlm": ["dispatch.json"], "fastlm.bench": ["results/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     install_requires=["torch>=2.4", "numpy"],

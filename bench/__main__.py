@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import dispatch, harness
 
-OPS = ("norms",)
+OPS = ("norms", "attention")
 
 
 def parse_args(argv):
@@ -42,6 +42,7 @@ def main(argv=None):
         f"({ceiling['matmul_dtype']})"
     )
     slug = "quick-" + device.type if args.quick else device.type
+    written = []
     for op in ops:
         module = importlib.import_module(f".bench_{op}", __package__)
         cases = [c for c in module.cases(device, quick=args.quick) if not keep or c.shape in keep]
@@ -55,6 +56,9 @@ def main(argv=None):
         harness.write_json(json_path, meta, ceiling, rows)
         harness.plot(png_path, f"fastlm {op} on {meta['device']}", rows)
         print(f"wrote {json_path} and {png_path}")
+        written.append(json_path)
+    if device.type == "cuda" and not args.quick and args.out == harness.RESULTS:
+        print(f"dispatch defaults for CUDA tensors: {dispatch.update(written)} (fastlm/dispatch.json)")
 
 
 if __name__ == "__main__":

@@ -241,18 +241,18 @@ def run_case(case, device, reps, ceiling):
 
 def print_table(rows, file=None):
     header = (
-        f"{'op':<12} {'shape':<16} {'dtype':<9} {'impl':<22} {'mode':<8} {'median ms':>10} "
+        f"{'op':<12} {'shape':<28} {'dtype':<9} {'impl':<26} {'mode':<8} {'median ms':>10} "
         f"{'[p20, p80]':>18} {'throughput':>14} {'%ceil':>6} {'speedup':>8} {'peak MB':>8}"
     )
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
         if r.median_ms is None:
-            print(f"{r.op:<12} {r.shape:<16} {r.dtype:<9} {r.impl:<22} {r.note}", file=file)
+            print(f"{r.op:<12} {r.shape:<28} {r.dtype:<9} {r.impl:<26} {r.note}", file=file)
             continue
         peak = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
         print(
-            f"{r.op:<12} {r.shape:<16} {r.dtype:<9} {r.impl:<22} {r.mode:<8} {r.median_ms:>10.3f} "
+            f"{r.op:<12} {r.shape:<28} {r.dtype:<9} {r.impl:<26} {r.mode:<8} {r.median_ms:>10.3f} "
             f"{f'[{r.p20_ms:.3f}, {r.p80_ms:.3f}]':>18} {r.throughput:>9.1f} {r.unit:<4} "
             f"{r.pct_of_ceiling:>5.0f}% {r.speedup:>7.2f}× {peak:>8}",
             file=file,

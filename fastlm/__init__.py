@@ -1,18 +1,30 @@
 """fastlm: fused attention, cross-entropy and norm kernels for BERT-, GPT- and T5-style training.
 
-Functional ops: fastlm.layer_norm, fastlm.rms_norm. Modules: fastlm.nn. Backends: fastlm.use_backend,
-fastlm.available_backends, fastlm.info (DESIGN.md §3).
+Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm.
+Modules: fastlm.nn. Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
 """
 
 from . import nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
-from .ops import layer_norm, rms_norm
+from .ops import RelativePositionBias, attention, layer_norm, rms_norm
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "info", "layer_norm", "nn", "ops", "patch", "rms_norm", "unpatch", "use_backend"]
+__all__ = [
+    "RelativePositionBias",
+    "attention",
+    "available_backends",
+    "info",
+    "layer_norm",
+    "nn",
+    "ops",
+    "patch",
+    "rms_norm",
+    "unpatch",
+    "use_backend",
+]
 
 
 def info():

@@ -7,6 +7,8 @@ layer (csrc/emu), so they run on CPU tensors.
 
 import importlib
 
+from .emu import CheckedKernels
+
 
 def _load(name):
     try:
@@ -17,6 +19,8 @@ def _load(name):
 
 C, C_ERROR = _load("fastlm._C")
 C_EMU, C_EMU_ERROR = _load("fastlm._C_emu")
+if C_EMU is not None:  # checked mode (fastlm.emu) wraps every emulated kernel call
+    C_EMU = CheckedKernels(C_EMU)
 
 
 def has_cuda_kernels():

@@ -29,10 +29,10 @@ from . import _ext
 BACKENDS = ("triton", "cuda", "cuda_emu", "cpu", "reference")
 
 _forced = contextvars.ContextVar("fastlm_backend", default=None)
+DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
 
 # (op, backend) -> how many eager calls dispatched there; lets tests and users check which kernels ran.
 calls = collections.Counter()
-_DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
 
 
 def _check_name(name):
@@ -112,7 +112,7 @@ def available_backends(device=None):
 
 def _dispatch_defaults():
     try:
-        return json.loads(_DISPATCH_FILE.read_text())
+        return json.loads(DISPATCH_FILE.read_text())
     except FileNotFoundError:
         return {}
 

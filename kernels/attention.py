@@ -6,6 +6,9 @@ backward pass, which recomputes the probabilities tile by tile. Backward is thre
 ``Delta = rowsum(dO * O)`` preprocess, a dK/dV kernel (one program per K tile and KV head, looping over
 the Q tiles of every query head of its group, so GQA needs no atomics) and a dQ kernel (one program per
 Q tile). Every accumulation is fp32 and every sum has a fixed order: the kernels are deterministic.
+Work that cannot contribute is skipped: key tiles above the causal diagonal, and key tiles after the
+last kept key of a sequence (BERT's right padding); forward masks causally only the tiles that cross
+the diagonal.
 
 Conventions every backend of ``fastlm.attention`` reproduces (the reference in fastlm/ops/attention.py
 is the executable statement of them):
@@ -50,18 +53,19 @@ def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
             HAS_RELPOS: tl.constexpr, REL_W: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores of one (BLOCK_M, BLOCK_N) tile in base 2 (natural scores times log2(e)), -inf where masked."""
+    LOG2E: tl.constexpr = 1.4426950408889634
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    s = qk * sm_scale
+    s = qk * (sm_scale * LOG2E)
     if HAS_BIAS:
         bias = tl.load(BIAS_BH + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inb, other=0.0)
-        s += bias.to(tl.float32)
+        s += bias.to(tl.float32) * LOG2E
     if HAS_RELPOS:
         # the tile's diagonals j - i + Lq - 1 are d0 + t, t in [0, BLOCK_M + BLOCK_N - 1)
         d0 = start_n - start_m - (BLOCK_M - 1) + Lq - 1
         offs_t = d0 + tl.arange(0, REL_W)
         t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
         bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=0)
-        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32)  # (REL_W,)
+        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32) * LOG2E  # (REL_W,)
         rel_tile = tl.broadcast_to(rel[None, :], (BLOCK_M, REL_W))
         diag = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
         s += tl.gather(rel_tile, diag, 1)  # (BLOCK_M, BLOCK_N)
@@ -71,7 +75,7 @@ def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
     if HAS_MASK:
         keep = tl.load(MASK_B + offs_n * smn, mask=offs_n < Lk, other=0)
         valid = valid & (keep != 0)[None, :]
-    return tl.where(valid, s * 1.4426950408889634, float("-inf"))
+    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
@@ -91,6 +95,36 @@ def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
     row = (b * Hq + h).to(tl.int64) * Lq + offs_m.to(tl.int64)
     offset = row[:, None] * Lk + offs_n.to(tl.int64)[None, :]
     return tl.rand(seed, offset) >= dropout_p
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, lo, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+               K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
+               REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
+                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
+        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -123,26 +157,20 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
-        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    hi = _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M)
+    mid = 0
+    if CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
+        mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, q, 0, mid, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+            K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+            False, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+        )
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, q, mid, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
+        K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
+        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+    )
 
     empty = l_i == 0.0  # no visible key: zeros, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -432,5 +460,5 @@ def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, 
         Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
     )
     if need_dtable:
-        dtable = dtable.sum(dim=(0, 2)).t()  # (B, Hq, nK, NB) -> (NB, Hq)
+        dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)
     return dq, dk, dv, dbias, dtable

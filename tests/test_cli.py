@@ -31,15 +31,18 @@ def test_import_without_the_extension():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_bench_quick_writes_table_json_and_png(tmp_path, capsys):
+def test_bench_quick_runs_every_op_and_writes_table_json_and_png(tmp_path, capsys):
+    """The smoke test of the benchmark suite: every op once at tiny shapes."""
+    from bench.__main__ import OPS
     from bench.__main__ import main as bench_main
 
-    bench_main(["--quick", "--ops", "norms", "--device", "cpu", "--out", str(tmp_path), "--reps", "2"])
+    bench_main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "2"])
     out = capsys.readouterr().out
     assert "fastlm cpu" in out and "torch F.layer_norm" in out and "speedup" in out
-    data = json.loads((tmp_path / "norms-quick-cpu.json").read_text())
-    assert data["meta"]["torch"] == torch.__version__ and data["ceilings"]["copy_gbps"] > 0
-    timed = [r for r in data["rows"] if r["median_ms"] is not None]
-    assert {r["mode"] for r in timed} == {"fwd", "bwd", "fwd+bwd"}
-    assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in timed)
-    assert (tmp_path / "norms-quick-cpu.png").stat().st_size > 10_000
+    for op in OPS:
+        data = json.loads((tmp_path / f"{op}-quick-cpu.json").read_text())
+        assert data["meta"]["torch"] == torch.__version__ and data["ceilings"]["copy_gbps"] > 0
+        timed = [r for r in data["rows"] if r["median_ms"] is not None]
+        assert {r["mode"] for r in timed} == {"fwd", "bwd", "fwd+bwd"}, op
+        assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in timed), op
+        assert (tmp_path / f"{op}-quick-cpu.png").stat().st_size > 10_000, op

@@ -67,3 +67,19 @@ def test_gqa_and_t5_relative_bias(kernel):
     rel_pos = RelativePositionBias(table, bidirectional=True, max_distance=64)
     ref = attention_reference(q, k, v, rel_pos=rel_pos, scale=1.0).transpose(1, 2).reshape(2, 21, 64)
     torch.testing.assert_close(out, mha.out_proj(ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_torch_compile_fullgraph(kernel):
+    """The custom ops' fake implementations let torch.compile trace forward and backward in one graph."""
+    torch.manual_seed(0)
+    module = fastlm.nn.MultiHeadAttention(32, 2, causal=True, rel_pos_buckets=8, rel_pos_max_distance=16)
+    x = torch.randn(2, 9, 32)
+    with fastlm.use_backend(kernel):
+        expected = module(x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), module.relative_attention_bias.weight)
+        compiled = torch.compile(module, fullgraph=True)
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), module.relative_attention_bias.weight)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, expected_grad)
