@@ -2,7 +2,7 @@
 
 Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
 fastlm.cross_entropy, fastlm.linear_cross_entropy; BERT's masking: fastlm.mlm_mask (fastlm.data).
-Models: fastlm.models. Modules: fastlm.nn.
+Models: fastlm.models. Modules: fastlm.nn. Existing models: fastlm.patch / fastlm.unpatch.
 Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
 """
 
@@ -11,6 +11,7 @@ from .backends import available_backends, use_backend
 from .backends import info as _info
 from .data import mlm_mask
 from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,9 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "patch",
     "rms_norm",
+    "unpatch",
     "use_backend",
 ]
 

@@ -14,6 +14,7 @@ when the extension has it, else `reference`. `use_backend(name)` or FASTLM_BACKE
 backend that cannot run raises an error that says why, it never silently runs something else.
 """
 
+import collections
 import contextlib
 import contextvars
 import importlib.util
@@ -29,6 +30,9 @@ BACKENDS = ("triton", "cuda", "cuda_emu", "cpu", "reference")
 
 _forced = contextvars.ContextVar("fastlm_backend", default=None)
 DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
+
+# (op, backend) -> how many eager calls dispatched there; lets tests and users check which kernels ran.
+calls = collections.Counter()
 
 
 def _check_name(name):
@@ -127,6 +131,7 @@ def select(op, device, implemented):
             why = f"it has no {op} kernel"
         if why is not None:
             raise RuntimeError(f"fastlm backend {forced!r} was forced for {op} on {device}, but {why}")
+        calls[(op, forced)] += 1
         return forced
     if device.type == "cuda":
         preferred = _dispatch_defaults().get(op, "triton")
@@ -135,6 +140,7 @@ def select(op, device, implemented):
         candidates = ("cpu", "reference")
     for name in candidates:
         if name in implemented and _why_unavailable(name, device) is None:
+            calls[(op, name)] += 1
             return name
     raise RuntimeError(f"no fastlm backend can run {op} on {device}")
 

@@ -1,0 +1,327 @@
+"""fastlm.patch on tiny random Hugging Face models and plain PyTorch modules: the same logits, loss and
+gradients as the unpatched model, proof that the fused ops ran, generate(), Trainer, unpatch."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.backends import calls
+from fastlm.patch import FusedMultiheadAttention
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 99
+
+
+def bert_config(layers=2):
+    return transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def gpt2_config():
+    return transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+
+
+def t5_config(gated):
+    return transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def llama_config():
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build(cls, config):
+    torch.manual_seed(0)
+    return cls._from_config(config, attn_implementation="eager").eval()
+
+
+def padded_batch(lengths=(11, 8)):
+    g = torch.Generator().manual_seed(1)
+    B, L = len(lengths), max(lengths)
+    ids = torch.randint(3, VOCAB, (B, L), generator=g)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def mlm_labels(ids, mask, fraction=0.3):
+    g = torch.Generator().manual_seed(2)
+    chosen = (torch.rand(ids.shape, generator=g) < fraction) & (mask == 1)
+    chosen[0, 1] = True
+    return ids.masked_fill(~chosen, -100)
+
+
+def run(model, train, **inputs):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same(patched, original, inputs, *, train=True, logits=True):
+    ref, ref_grads = run(original, train, **inputs)
+    out, grads = run(patched, train, **inputs)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    if logits:
+        name = "prediction_logits" if hasattr(ref, "prediction_logits") else "logits"
+        got, expected = getattr(out, name), getattr(ref, name)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def patched_copy(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fastlm.patch(copy.deepcopy(model), **kwargs)
+
+
+def count(op_prefix):
+    return sum(n for (op, _), n in calls.items() if op.startswith(op_prefix))
+
+
+def test_bert_masked_lm_and_the_fused_ops_ran():
+    model = build(transformers.BertForMaskedLM, bert_config())
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": mlm_labels(ids, mask)}
+    before = {op: count(op) for op in ("attention", "layer_norm", "linear_cross_entropy")}
+    assert_same(patched, model, inputs, train=False)
+    for op, n in before.items():
+        assert count(op) > n, f"fastlm {op} did not run"
+    out = patched.train()(**inputs)
+    assert out.logits.numel() == 0, "training with labels must not materialise the logits"
+    assert patched.train()(**inputs, return_logits=True).logits.shape == (2, 11, VOCAB)
+
+
+def test_bert_pretraining_with_nsp():
+    model = build(transformers.BertForPreTraining, bert_config())
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": mlm_labels(ids, mask),
+        "next_sentence_label": torch.tensor([0, 1]),
+        "token_type_ids": (torch.arange(11) > 5).long().expand(2, -1),
+    }
+    assert_same(patched, model, inputs, train=False)
+    assert_same(patched, model, inputs, train=True, logits=False)
+
+
+def test_bert_sequence_classification():
+    model = build(transformers.BertForSequenceClassification, bert_config())
+    model.config.num_labels = 2
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    assert_same(patched, model, {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])})
+
+
+def test_gpt2_with_padding_and_generate():
+    model = build(transformers.GPT2LMHeadModel, gpt2_config())
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_same(patched, model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, train=False)
+    prompt, prompt_mask = padded_batch((5, 5))
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(prompt, attention_mask=prompt_mask, **kwargs)
+    torch.testing.assert_close(patched.generate(prompt, attention_mask=prompt_mask, **kwargs), expected)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["t5-v1.0", "t5-v1.1"])
+def test_t5_uses_in_kernel_relative_bias(gated):
+    model = build(transformers.T5ForConditionalGeneration, t5_config(gated))
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    labels = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    labels[1, 5:] = -100
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert_same(patched, model, inputs, train=False)
+    table = patched.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+    torch.testing.assert_close(
+        patched.generate(ids, attention_mask=mask, **kwargs), model.generate(ids, attention_mask=mask, **kwargs)
+    )
+
+
+def test_llama_gqa_rms_norm_and_generate():
+    model = build(transformers.LlamaForCausalLM, llama_config())
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    assert_same(patched, model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, train=False)
+    assert all(type(m).__name__ != "LlamaRMSNorm" for m in patched.modules())
+    prompt, prompt_mask = padded_batch((4, 4))
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(
+        patched.generate(prompt, attention_mask=prompt_mask, **kwargs),
+        model.generate(prompt, attention_mask=prompt_mask, **kwargs),
+    )
+
+
+@pytest.mark.parametrize("forced", [None, "triton", "reference"], ids=["default-dispatch", "triton", "reference"])
+def test_one_layer_bert_per_backend(forced):
+    """Default dispatch on CPU tensors runs the cpu kernels where they exist; triton (under the interpreter
+    on CPU) has every op, so it can be forced for the whole model."""
+    if forced is not None and forced not in fastlm.available_backends("cpu"):
+        pytest.skip(f"{forced} unavailable here")
+    model = build(transformers.BertForMaskedLM, bert_config(layers=1))
+    patched = patched_copy(model)
+    ids, mask = padded_batch((6, 4))
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": mlm_labels(ids, mask)}
+    before = calls.copy()
+    if forced is None:
+        assert_same(patched, model, inputs, train=False)
+    else:
+        with fastlm.use_backend(forced):
+            assert_same(patched, model, inputs, train=False)
+    ran = {backend for (op, backend), n in calls.items() if n > before[(op, backend)]}
+    if forced is not None:
+        assert ran == {forced}
+    elif "cpu" in fastlm.available_backends("cpu"):
+        assert "cpu" in ran
+
+
+def test_plain_pytorch_transformer_encoder_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=37, dropout=0.0, batch_first=True).eval()
+    patched = patched_copy(layer)
+    assert isinstance(patched.self_attn, FusedMultiheadAttention)
+    assert isinstance(patched.norm1, fastlm.nn.LayerNorm)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True  # torch's convention: True = ignore
+    expected = layer(x, src_key_padding_mask=padding)
+    got = patched(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, :6], expected[1, :6], atol=1e-5, rtol=1e-5)
+
+
+def test_plain_multihead_attention_sequence_first_with_mask():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2)
+    patched = patched_copy(mha)
+    q, kv = torch.randn(5, 3, 16), torch.randn(7, 3, 16)
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    expected, _ = mha(q, kv, kv, attn_mask=causal)
+    got, weights = patched(q, kv, kv, attn_mask=causal)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unpatch_restores_and_patch_twice_is_a_noop(capsys):
+    model = build(transformers.BertForMaskedLM, bert_config())
+    originals = [m for m in model.modules()]
+    fastlm.patch(model, verbose=True)
+    assert "LayerNorm -> fastlm LayerNorm" in capsys.readouterr().out
+    modules_after_first = [m for m in model.modules()]
+    fastlm.patch(model)
+    assert [m for m in model.modules()] == modules_after_first
+    assert model.config._attn_implementation == "fastlm"
+    fastlm.unpatch(model)
+    assert [m for m in model.modules()] == originals
+    assert model.config._attn_implementation == "eager"
+    ids, mask = padded_batch()
+    assert model(input_ids=ids, attention_mask=mask, labels=mlm_labels(ids, mask)).logits.shape == (2, 11, VOCAB)
+
+
+def test_shares_parameters_and_state_dict():
+    model = build(transformers.GPT2LMHeadModel, gpt2_config())
+    keys = model.state_dict().keys()
+    params = {id(p) for p in model.parameters()}
+    patched = patched_copy(model)
+    assert patched.state_dict().keys() == keys
+    fastlm.patch(model)
+    assert {id(p) for p in model.parameters()} == params
+
+
+def test_warns_about_what_it_leaves_alone():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(2, 4)
+            self.ln = torch.nn.LayerNorm(4)
+
+    with pytest.warns(UserWarning, match="GroupNorm"):
+        fastlm.patch(Odd())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastlm.patch("not a model")
+
+
+def test_trainer_runs_a_few_steps_on_a_patched_model(tmp_path):
+    pytest.importorskip("accelerate")
+    model = fastlm.patch(build(transformers.BertForMaskedLM, bert_config()))
+    ids, mask = padded_batch()
+    labels = mlm_labels(ids, mask)
+    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(2)] * 4
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
