@@ -10,11 +10,12 @@ import torch
 from . import dispatch, harness
 
 OPS = ("norms", "attention", "cross_entropy")
+SUITES = (*OPS, "models")  # op benchmarks, then one training step of each model
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fastlm bench", description=__doc__)
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default="", help="comma-separated shape labels to keep (e.g. 8192x768)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for JSON and PNG results")
@@ -29,9 +30,9 @@ def main(argv=None):
 
     device = torch.device(args.device)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    unknown = sorted(set(ops) - set(OPS))
+    unknown = sorted(set(ops) - set(SUITES))
     if unknown:
-        raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+        raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     keep = {s.strip() for s in args.shapes.split(",") if s.strip()}
     reps = args.reps or (3 if args.quick else 20)
     meta = harness.metadata(device)
@@ -45,6 +46,9 @@ def main(argv=None):
     written = []
     for op in ops:
         module = importlib.import_module(f".bench_{op}", __package__)
+        if op == "models":
+            module.run_all(device, args.quick, args.reps or (3 if args.quick else 10), args.out, meta)
+            continue
         cases = [c for c in module.cases(device, quick=args.quick) if not keep or c.shape in keep]
         rows = []
         for case in tqdm(cases, desc=f"bench {op}", unit="case", file=sys.stderr):

@@ -164,6 +164,21 @@ def print_table(rows):
         )
 
 
+def run_all(device, quick, reps, out, meta):
+    """Every case on ``device``: prints the table, writes models-<device>.json and .png under ``out``;
+    returns the JSON path."""
+    rows = []
+    for case in cases(device, quick):
+        rows.extend(run(case, device, reps))
+    print_table(rows)
+    slug = ("quick-" if quick else "") + device.type
+    json_path, png_path = out / f"models-{slug}.json", out / f"models-{slug}.png"
+    harness.write_json(json_path, meta, {}, rows)
+    harness.plot(png_path, f"fastlm models, one training step, on {meta['device']}", rows)
+    print(f"wrote {json_path} and {png_path}")
+    return json_path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.bench_models", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -172,18 +187,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for JSON and PNG results")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
-    reps = args.reps or (3 if args.quick else 10)
     meta = harness.metadata(device)
     print(f"fastlm model benchmarks on {meta['device']} ({device.type}), torch {meta['torch']}")
-    rows = []
-    for case in cases(device, args.quick):
-        rows.extend(run(case, device, reps))
-    print_table(rows)
-    slug = ("quick-" if args.quick else "") + device.type
-    json_path, png_path = args.out / f"models-{slug}.json", args.out / f"models-{slug}.png"
-    harness.write_json(json_path, meta, {}, rows)
-    harness.plot(png_path, f"fastlm models, one training step, on {meta['device']}", rows)
-    print(f"wrote {json_path} and {png_path}")
+    run_all(device, args.quick, args.reps or (3 if args.quick else 10), args.out, meta)
 
 
 if __name__ == "__main__":
