@@ -34,7 +34,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     keep = {s.strip() for s in args.shapes.split(",") if s.strip()}
-    reps = args.reps or (3 if args.quick else 20)
+    reps = args.reps or (3 if args.quick else 15)
     meta = harness.metadata(device)
     print(f"fastlm bench on {meta['device']} ({device.type}), torch {meta['torch']}, commit {meta['git_commit']}")
     ceiling = harness.ceilings(device)

@@ -61,22 +61,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, reps):
+def time_ms(fn, device, reps, budget_s=2.0):
     """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench, which flushes
-    L2 between calls; on the CPU: wall clock of `reps` calls after warm-up."""
+    L2 between calls; on the CPU: wall clock of up to `reps` calls after a warm-up call, fewer (at
+    least 3) when one call takes long enough that `reps` would exceed `budget_s`."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=100)
         return median, p20, p80
+    start = time.perf_counter()
     fn()
-    fn()
+    first = time.perf_counter() - start
+    reps = max(3, min(reps, int(budget_s / max(first, 1e-9))))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
 
 
