@@ -17,8 +17,14 @@ $(VENV)/.requirements: requirements-dev.txt
 
 venv: $(VENV)/.requirements
 
-build: venv
+# The extension is rebuilt only when its sources change (pip's editable build starts from scratch).
+EXTENSION_SOURCES := setup.py $(shell find csrc -type f)
+
+$(VENV)/.built: $(VENV)/.requirements $(EXTENSION_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -30,4 +36,4 @@ bench: build
 	$(PY) -m bench
 
 clean:
-	rm -rf build *.egg-info fastlm/*.so
+	rm -rf build *.egg-info fastlm/*.so $(VENV)/.built
