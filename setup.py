@@ -81,6 +81,17 @@ def _cpu_flags():
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+def _openmp_flags():
+    """-fopenmp when torch runs its CPU ops on OpenMP. ATen's at::parallel_for is a header template whose
+    `#pragma omp parallel` only takes effect in code compiled with OpenMP: without the flag, every CPU
+    kernel of the extension runs on one thread. The extension then shares torch's libgomp (same soname)."""
+    import torch
+
+    if platform.system() != "Linux" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _emu_extension(cpp_extension, cxx_flags, include_dirs, optional):
     """fastlm._C_emu: the glue (csrc/*.cpp) and every CUDA kernel source (csrc/cuda/*.cu) compiled by
     the host compiler with FASTLM_EMU defined, through one generated .cpp per source that includes
@@ -103,7 +114,7 @@ def _emu_extension(cpp_extension, cxx_flags, include_dirs, optional):
         sources,
         include_dirs=[*include_dirs, str(cuda_include)],
         define_macros=[("FASTLM_EMU", None), *_cuda_defines()],
-        extra_compile_args={"cxx": [*cxx_flags, "-Wno-unknown-pragmas"]},
+        extra_compile_args={"cxx": cxx_flags},
         optional=optional,
     )
 
@@ -112,7 +123,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     optional = not _flag("FASTLM_REQUIRE_EXTENSION")
-    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", *_cpu_flags()]
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", "-Wno-unknown-pragmas", *_cpu_flags()]
+    openmp = _openmp_flags()
     include_dirs = [str(ROOT / "csrc")]
     sources = _sources("csrc", "*.cpp") + _sources("csrc/cpu", "*.cpp")
     emu = [_emu_extension(cpp_extension, cxx_flags, include_dirs, optional)] if _flag("FASTLM_EMU") else []
@@ -133,7 +145,8 @@ def _extensions():
                 sources + _cuda_sources(),
                 include_dirs=include_dirs,
                 define_macros=[("FASTLM_WITH_CUDA", None), *_cuda_defines()],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": [*cxx_flags, *openmp], "nvcc": nvcc_flags},
+                extra_link_args=openmp,
                 optional=optional,
             ),
             *emu,
@@ -143,7 +156,8 @@ def _extensions():
             "fastlm._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": [*cxx_flags, *openmp]},
+            extra_link_args=openmp,
             optional=optional,
         ),
         *emu,

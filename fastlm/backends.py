@@ -161,6 +161,10 @@ def info():
     else:
         lines.append("GPU: none (torch.cuda.is_available() is False)")
     lines.append(f"forced backend: {forced_backend() or 'none'}")
+    if _ext.C is not None:
+        threads = _ext.C.cpu_threads()
+        note = "" if threads > 1 or torch.get_num_threads() == 1 else " (extension built without OpenMP)"
+        lines.append(f"cpu kernels: {threads} thread{'s' if threads > 1 else ''}{note}")
     for device in ("cpu", "cuda"):
         lines.append(f"backends for {device} tensors:")
         for name in BACKENDS:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastlm
@@ -16,6 +17,21 @@ def test_info_lists_every_backend(capsys):
     for name in fastlm.backends.BACKENDS:
         assert name in out
     assert "torch" in out
+
+
+@pytest.mark.skipif(fastlm._ext.C is None, reason="fastlm._C not built")
+def test_cpu_kernels_use_every_torch_thread():
+    """The CPU kernels run at::parallel_for on torch's OpenMP threads (an extension compiled without
+    -fopenmp silently runs them on one thread)."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch was built without OpenMP")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fastlm._ext.C.cpu_threads() == 2
+        assert "cpu kernels: 2 threads" in fastlm.info()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_import_without_the_extension():

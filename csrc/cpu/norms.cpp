@@ -1,6 +1,11 @@
 // CPU LayerNorm / RMSNorm: each worker thread takes a contiguous range of rows. A row is read from
 // memory once into fp32 (16-bit inputs and the residual add go through a thread-local buffer; fp32
 // rows are used in place), reduced while it sits in L1, and written once; backward likewise.
+//
+// The kernels are memory-bound, so two things matter beyond vectorising: the reductions keep kChains
+// independent partial sums (one chain of dependent vector adds would leave the row waiting on add
+// latency), and outputs too large to stay in the last-level cache are written with non-temporal
+// stores (no read-for-ownership of lines that are about to be overwritten, no eviction of the inputs).
 #include "cpu/norms.h"
 
 #include <ATen/Parallel.h>
@@ -8,7 +13,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <array>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -17,18 +28,18 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
+constexpr int kChains = 4;                   // independent partial sums per reduced quantity
 constexpr int64_t kGrainElements = 1 << 15;  // rows per task ≈ this many elements
+// Outputs of at least this many bytes bypass the cache: larger ones would evict much of a typical L3
+// share, and the next op's read of them would mostly miss anyway; smaller ones are kept for it.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / cols); }
 
-template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename T>
-void from_float(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+// Converts n elements between the storage types and fp32 (vectorised by at::vec where it can).
+template <typename Src, typename Dst>
+void convert(const Src* src, Dst* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
 }
 
 // `src` as fp32: itself when it already is, else converted into `buffer`.
@@ -37,7 +48,7 @@ const float* as_float(const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    to_float(src, buffer, n);
+    convert(src, buffer, n);
     return buffer;
   }
 }
@@ -50,39 +61,91 @@ const float* input_row(const NormParams& p, int64_t r, float* buffer) {
   if (p.residual == nullptr) return as_float(x, buffer, n);
   const TS* res = static_cast<const TS*>(p.residual) + r * p.residual_stride;
   for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]) + static_cast<float>(res[i]);
-  if (p.s != nullptr) from_float(buffer, static_cast<TS*>(p.s) + r * p.s_stride, n);
+  if (p.s != nullptr) convert(buffer, static_cast<TS*>(p.s) + r * p.s_stride, n);
   return buffer;
 }
 
-// (mean, 1/std) of a row; mean is 0 for RMSNorm.
+// K sums over a row of n elements: vec_terms(i, sums) adds the terms of elements [i, i + kW) to
+// sums[0..K), scalar_terms(i, sums) those of element i (the tail). kChains interleaved partial sums
+// per quantity let the vector adds pipeline.
+template <int K, typename VecTerms, typename ScalarTerms>
+std::array<float, K> row_sums(int64_t n, VecTerms vec_terms, ScalarTerms scalar_terms) {
+  std::array<std::array<Vec, K>, kChains> acc;
+  for (auto& chain : acc) chain.fill(Vec(0.f));
+  int64_t i = 0;
+  for (; i + kChains * kW <= n; i += kChains * kW) {
+    for (int c = 0; c < kChains; ++c) vec_terms(i + c * kW, acc[c]);
+  }
+  for (; i + kW <= n; i += kW) vec_terms(i, acc[0]);
+  std::array<float, K> sums;
+  for (int k = 0; k < K; ++k) {
+    const Vec total = (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]);
+    sums[k] = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, total);
+  }
+  std::array<float, K> tail{};
+  for (; i < n; ++i) scalar_terms(i, tail);
+  for (int k = 0; k < K; ++k) sums[k] += tail[k];
+  return sums;
+}
+
+// Writes vectors to one fp32 row, streaming past the cache when asked to and the row is 32-byte
+// aligned (then every store at a multiple of kW is); call fence() once a thread's rows are written.
+struct RowWriter {
+  float* row;
+  bool stream;
+
+  RowWriter(float* dst, bool streaming) : row(dst), stream(streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {}
+
+  void store(int64_t i, const Vec& v) const {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream) {
+      _mm256_stream_ps(row + i, v);
+      return;
+    }
+#endif
+    v.store(row + i);
+  }
+
+  static void fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();
+#endif
+  }
+};
+
+// (mean, 1/std) of a row; mean is 0 for RMSNorm. Two passes over the row (it is in L1 by then).
 std::pair<float, float> moments(const float* v, int64_t n, bool rms, float eps) {
   float mean = 0.f;
   if (!rms) {
-    Vec acc(0.f);
-    int64_t i = 0;
-    for (; i + kW <= n; i += kW) acc += Vec::loadu(v + i);
-    mean = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-    for (; i < n; ++i) mean += v[i];
-    mean /= n;
+    mean = row_sums<1>(
+               n, [&](int64_t i, std::array<Vec, 1>& s) { s[0] += Vec::loadu(v + i); },
+               [&](int64_t i, std::array<float, 1>& s) { s[0] += v[i]; })[0] /
+           n;
   }
-  Vec acc(0.f);
   const Vec m(mean);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const Vec d = Vec::loadu(v + i) - m;
-    acc = at::vec::fmadd(d, d, acc);
-  }
-  float sq = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-  for (; i < n; ++i) sq += (v[i] - mean) * (v[i] - mean);
+  const float sq = row_sums<1>(
+      n,
+      [&](int64_t i, std::array<Vec, 1>& s) {
+        const Vec d = Vec::loadu(v + i) - m;
+        s[0] += d * d;
+      },
+      [&](int64_t i, std::array<float, 1>& s) { s[0] += (v[i] - mean) * (v[i] - mean); })[0];
   return {mean, 1.f / std::sqrt(sq / n + eps)};
+}
+
+// (cols,) weight or bias as fp32, `fill` when absent.
+template <typename TW>
+std::vector<float> param_row(const void* param, int64_t n, float fill) {
+  std::vector<float> out(n, fill);
+  if (param) convert(static_cast<const TW*>(param), out.data(), n);
+  return out;
 }
 
 template <typename T, typename TS, typename TW>
 void forward(const NormParams& p) {
   const int64_t n = p.cols;
-  std::vector<float> weight(n, 1.f), bias(n, 0.f);
-  if (p.weight) to_float(static_cast<const TW*>(p.weight), weight.data(), n);
-  if (p.bias) to_float(static_cast<const TW*>(p.bias), bias.data(), n);
+  const std::vector<float> weight = param_row<TW>(p.weight, n, 1.f), bias = param_row<TW>(p.bias, n, 0.f);
+  const bool stream = p.rows * n * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, p.rows, grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(n), out(std::is_same_v<T, float> ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
@@ -92,26 +155,27 @@ void forward(const NormParams& p) {
       p.rstd[r] = rstd;
       T* y = static_cast<T*>(p.y) + r * p.y_stride;
       float* dst = std::is_same_v<T, float> ? reinterpret_cast<float*>(y) : out.data();
+      const RowWriter writer(dst, stream && std::is_same_v<T, float>);
       const Vec m(mean), s(rstd);
       int64_t i = 0;
       for (; i + kW <= n; i += kW) {
         const Vec h = (Vec::loadu(v + i) - m) * s;
-        at::vec::fmadd(h, Vec::loadu(weight.data() + i), Vec::loadu(bias.data() + i)).store(dst + i);
+        writer.store(i, at::vec::fmadd(h, Vec::loadu(weight.data() + i), Vec::loadu(bias.data() + i)));
       }
       for (; i < n; ++i) dst[i] = (v[i] - mean) * rstd * weight[i] + bias[i];
-      if constexpr (!std::is_same_v<T, float>) from_float(out.data(), y, n);
+      if constexpr (!std::is_same_v<T, float>) convert(out.data(), y, n);
     }
+    RowWriter::fence();
   });
 }
 
 template <typename T, typename TS, typename TW>
 void backward(const NormParams& p) {
   const int64_t n = p.cols;
-  std::vector<float> weight(n, 1.f);
-  if (p.weight) to_float(static_cast<const TW*>(p.weight), weight.data(), n);
-  const int64_t threads = p.partials;
-  if (p.dweight_partial) std::fill(p.dweight_partial, p.dweight_partial + threads * n, 0.f);
-  if (p.dbias_partial) std::fill(p.dbias_partial, p.dbias_partial + threads * n, 0.f);
+  const std::vector<float> weight = param_row<TW>(p.weight, n, 1.f);
+  const bool stream = p.rows * n * int64_t(sizeof(TS)) >= kStreamBytes;
+  // Each task adds into the partial row of the thread running it; threads that run no task leave
+  // theirs as the glue allocated them (zeros).
   at::parallel_for(0, p.rows, grain(n), [&](int64_t begin, int64_t end) {
     const int64_t t = at::get_thread_num();
     float* dw = p.dweight_partial ? p.dweight_partial + t * n : nullptr;
@@ -124,47 +188,47 @@ void backward(const NormParams& p) {
       const float rstd = p.rstd[r];
       const Vec m(mean), rs(rstd);
       // Pass 1: c1 = mean(x̂ · w dy), c2 = mean(w dy); d weight += dy x̂; d bias += dy.
-      Vec c1v(0.f), c2v(0.f);
-      int64_t i = 0;
-      for (; i + kW <= n; i += kW) {
-        const Vec xhat = (Vec::loadu(s + i) - m) * rs;
-        const Vec g = Vec::loadu(dy + i);
-        const Vec wg = g * Vec::loadu(weight.data() + i);
-        c1v = at::vec::fmadd(xhat, wg, c1v);
-        c2v += wg;
-        if (dw) at::vec::fmadd(g, xhat, Vec::loadu(dw + i)).store(dw + i);
-        if (db) (Vec::loadu(db + i) + g).store(db + i);
-      }
-      float c1 = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, c1v);
-      float c2 = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, c2v);
-      for (; i < n; ++i) {
-        const float xhat = (s[i] - mean) * rstd, wg = dy[i] * weight[i];
-        c1 += xhat * wg;
-        c2 += wg;
-        if (dw) dw[i] += dy[i] * xhat;
-        if (db) db[i] += dy[i];
-      }
+      auto [c1, c2] = row_sums<2>(
+          n,
+          [&](int64_t i, std::array<Vec, 2>& c) {
+            const Vec xhat = (Vec::loadu(s + i) - m) * rs;
+            const Vec g = Vec::loadu(dy + i);
+            const Vec wg = g * Vec::loadu(weight.data() + i);
+            c[0] = at::vec::fmadd(xhat, wg, c[0]);
+            c[1] += wg;
+            if (dw) at::vec::fmadd(g, xhat, Vec::loadu(dw + i)).store(dw + i);
+            if (db) (Vec::loadu(db + i) + g).store(db + i);
+          },
+          [&](int64_t i, std::array<float, 2>& c) {
+            const float xhat = (s[i] - mean) * rstd, wg = dy[i] * weight[i];
+            c[0] += xhat * wg;
+            c[1] += wg;
+            if (dw) dw[i] += dy[i] * xhat;
+            if (db) db[i] += dy[i];
+          });
       c1 /= n;
       c2 = p.rms ? 0.f : c2 / n;
       // Pass 2: d s = (w dy - x̂ c1 - c2) rstd (+ ds).
       const float* ds = p.ds ? as_float(static_cast<const TS*>(p.ds) + r * p.ds_stride, ds_buf.data(), n) : nullptr;
       TS* dx_row = static_cast<TS*>(p.dx) + r * p.dx_stride;
       float* dx = std::is_same_v<TS, float> ? reinterpret_cast<float*>(dx_row) : dx_buf.data();
+      const RowWriter writer(dx, stream && std::is_same_v<TS, float>);
       const Vec c1s(c1), c2s(c2);
-      i = 0;
+      int64_t i = 0;
       for (; i + kW <= n; i += kW) {
         const Vec xhat = (Vec::loadu(s + i) - m) * rs;
         const Vec wg = Vec::loadu(dy + i) * Vec::loadu(weight.data() + i);
         Vec d = (wg - at::vec::fmadd(xhat, c1s, c2s)) * rs;
         if (ds) d += Vec::loadu(ds + i);
-        d.store(dx + i);
+        writer.store(i, d);
       }
       for (; i < n; ++i) {
         const float xhat = (s[i] - mean) * rstd;
         dx[i] = (dy[i] * weight[i] - (xhat * c1 + c2)) * rstd + (ds ? ds[i] : 0.f);
       }
-      if constexpr (!std::is_same_v<TS, float>) from_float(dx_buf.data(), dx_row, n);
+      if constexpr (!std::is_same_v<TS, float>) convert(dx_buf.data(), dx_row, n);
     }
+    RowWriter::fence();
   });
 }
 

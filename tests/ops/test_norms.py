@@ -117,6 +117,18 @@ def test_wide_rows(backend, n):
     check(backend, True, x, randn(n))
 
 
+@pytest.mark.parametrize("n", [768, 1025])
+def test_cpu_outputs_past_the_cache(n):
+    """fp32 outputs of 8 MiB and more leave the CPU kernels through non-temporal stores (every row when
+    rows are 32-byte aligned, the aligned ones among 1025-wide rows), from every torch thread."""
+    if "cpu" not in fastlm.available_backends("cpu"):
+        pytest.skip("fastlm._C not built")
+    rows = (8 << 20) // (4 * n) + 3
+    x = randn(rows, n, scale=2.0)
+    check("cpu", False, x, randn(n), randn(n))
+    check("cpu", True, x, randn(n))
+
+
 def test_strided_inputs(backend):
     base = randn(8, 200)
     sliced = base[:, 10:106]  # rows strided by 200: used as a view
