@@ -453,13 +453,13 @@ def test_cuda_features(kernel, feature, dtype):
 @pytest.mark.parametrize("Lq, Lk", [(1, 1), (1, 130), (130, 1), (17, 64), (65, 17), (97, 130)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_lengths(kernel, Lq, Lk, causal):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1)
+    _run(kernel, B=2, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1)
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("D, dtype", [(32, BF16), (64, FP16), (64, BF16), (128, FP16), (128, BF16)], ids=str)
 def test_cuda_head_dims(kernel, D, dtype):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D == 64, scale=0.3, dtype=dtype)
+    _run(kernel, B=2, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D == 64, scale=0.3, dtype=dtype)
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
