@@ -9,7 +9,7 @@ Knobs (environment variables):
                          `make` sets 1). Needs the CUDA headers (CUDA_HOME), not a GPU or nvcc.
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
   FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
-  FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default "32;64;128"
+  FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default "32;64;96;128;256"
                          (e.g. FASTLM_ATTN_HDIMS=64 for a quick developer build; the others are refused)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
@@ -40,7 +40,7 @@ def _sources(folder, pattern):
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
 
 
-ATTN_HDIMS = (32, 64, 128)
+ATTN_HDIMS = (32, 64, 96, 128, 256)
 
 
 def _attn_dropped_hdims():

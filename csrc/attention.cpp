@@ -36,8 +36,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": the CUDA attention kernels take float16 or bfloat16 (tensor cores), got ", q.scalar_type());
   const int64_t D = q.size(3);
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": the CUDA attention kernels take head dim 32, 64 or 128, got ",
-              D, " (q ", q.sizes(), ")");
+  TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, op,
+              ": the CUDA attention kernels take head dim 32, 64, 96, 128 or 256, got ", D, " (q ", q.sizes(), ")");
   TORCH_CHECK(attention_head_dim_built(D), op, ": head dim ", D, " was left out of this build (FASTLM_ATTN_HDIMS)");
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": B * Hq must be at most 65535, got ", q.size(0) * q.size(1));
 }
@@ -183,7 +183,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
 
 void bind_attention(pybind11::module_& m) {
   m.def("attention_fwd", &attention_fwd,
-        "Fused attention forward (fp16/bf16, head dim 32/64/128): returns [o (B, Hq, Lq, D), lse (B, Hq, Lq) fp32]",
+        "Fused attention forward (fp16/bf16, head dim 32/64/96/128/256): returns [o (B, Hq, Lq, D), "
+        "lse (B, Hq, Lq) fp32]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),
         pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
         pybind11::arg("scale"), pybind11::arg("dropout_p"));

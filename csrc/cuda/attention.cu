@@ -22,6 +22,29 @@ __global__ void __launch_bounds__(attn::kThreads) attention_bwd_preprocess_kerne
   }
 }
 
+// launch.template operator()<D>() for D = head_dim, when this build has kernels for it.
+template <typename Launch>
+cudaError_t head_dim_switch(int head_dim, Launch&& launch) {
+  auto built = [&]<int D>() {
+    if constexpr (attention_head_dim_built(D)) return launch.template operator()<D>();
+    return cudaErrorInvalidValue;
+  };
+  switch (head_dim) {
+    case 32:
+      return built.template operator()<32>();
+    case 64:
+      return built.template operator()<64>();
+    case 96:
+      return built.template operator()<96>();
+    case 128:
+      return built.template operator()<128>();
+    case 256:
+      return built.template operator()<256>();
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_attention_bwd_preprocess(const AttentionParams& p, cudaStream_t stream) {
@@ -37,42 +60,12 @@ cudaError_t launch_attention_bwd_preprocess(const AttentionParams& p, cudaStream
 }
 
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-#if !defined(FASTLM_ATTN_NO_HDIM32)
-    case 32:
-      return launch_attention_fwd_hdim<32>(p, stream);
-#endif
-#if !defined(FASTLM_ATTN_NO_HDIM64)
-    case 64:
-      return launch_attention_fwd_hdim<64>(p, stream);
-#endif
-#if !defined(FASTLM_ATTN_NO_HDIM128)
-    case 128:
-      return launch_attention_fwd_hdim<128>(p, stream);
-#endif
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return head_dim_switch(p.head_dim, [&]<int D>() { return launch_attention_fwd_hdim<D>(p, stream); });
 }
 
 cudaError_t launch_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
   if (const cudaError_t err = launch_attention_bwd_preprocess(p, stream); err != cudaSuccess) return err;
-  switch (p.head_dim) {
-#if !defined(FASTLM_ATTN_NO_HDIM32)
-    case 32:
-      return launch_attention_bwd_hdim<32>(p, stream);
-#endif
-#if !defined(FASTLM_ATTN_NO_HDIM64)
-    case 64:
-      return launch_attention_bwd_hdim<64>(p, stream);
-#endif
-#if !defined(FASTLM_ATTN_NO_HDIM128)
-    case 128:
-      return launch_attention_bwd_hdim<128>(p, stream);
-#endif
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return head_dim_switch(p.head_dim, [&]<int D>() { return launch_attention_bwd_hdim<D>(p, stream); });
 }
 
 }  // namespace fastlm

@@ -50,10 +50,16 @@ constexpr bool attention_head_dim_built(int64_t D) {
 #if defined(FASTLM_ATTN_NO_HDIM64)
   if (D == 64) return false;
 #endif
+#if defined(FASTLM_ATTN_NO_HDIM96)
+  if (D == 96) return false;
+#endif
 #if defined(FASTLM_ATTN_NO_HDIM128)
   if (D == 128) return false;
 #endif
-  return D == 32 || D == 64 || D == 128;
+#if defined(FASTLM_ATTN_NO_HDIM256)
+  if (D == 256) return false;
+#endif
+  return D == 32 || D == 64 || D == 96 || D == 128 || D == 256;
 }
 
 #if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)

@@ -1,9 +1,9 @@
 // The flash-attention backward kernels, deterministic (no atomics): after the preprocess (delta =
-// rowsum(dO * O), in attention.cu), one kernel owns a block of 64 keys and accumulates its dK and dV in
-// registers over every query block of every query head of its GQA group; another owns a block of 64
-// queries and accumulates dQ (fp32 registers) over the key blocks. Both recompute P = exp(S - lse)
-// from the forward's LSE, with S, dP and the gradient products on mma.sync fed by ldmatrix and the
-// streamed tiles double-buffered with cp.async. Included by attention_bwd_hdim*.cu.
+// rowsum(dO * O), in attention.cu), one kernel owns a block of 64 keys (32 at D = 256) and accumulates
+// its dK and dV in registers over every query block of every query head of its GQA group; another owns
+// a block of 64 queries and accumulates dQ (fp32 registers) over the key blocks. Both recompute P =
+// exp(S - lse) from the forward's LSE, with S, dP and the gradient products on mma.sync fed by ldmatrix
+// and the streamed tiles double-buffered with cp.async. Included by attention_bwd_hdim*.cu.
 #pragma once
 
 #include "attention_tile.cuh"
@@ -13,22 +13,28 @@ namespace attn {
 
 template <int D>
 struct BwdTile {
-  static constexpr int kKeys = 16 * kWarps;        // dK/dV kernel: keys per block, 16 per warp
-  static constexpr int kSteps = D <= 64 ? 64 : 32;  // dK/dV kernel: queries per streamed Q/dO tile
-  static constexpr int kQueries = 16 * kWarps;     // dQ kernel: queries per block, 16 per warp
-  static constexpr int kKeyStep = D <= 64 ? 64 : 32;  // dQ kernel: keys per streamed K/V tile
+  // dK/dV kernel: kSplit warps share 16 keys, each accumulating dK, dV for kCols = D / kSplit of the
+  // columns (2 x 128 fp32 per thread at D = 256 would not fit in registers).
+  static constexpr int kSplit = D <= 128 ? 1 : 2;
+  static constexpr int kCols = D / kSplit;
+  static constexpr int kKeys = 16 * kWarps / kSplit;  // dK/dV kernel: keys per block
+  static constexpr int kSteps = kStreamRows<D>;       // dK/dV kernel: queries per streamed Q/dO tile
+  static constexpr int kQueries = 16 * kWarps;        // dQ kernel: queries per block, 16 per warp
+  static constexpr int kKeyStep = kStreamRows<D>;     // dQ kernel: keys per streamed K/V tile
   static constexpr int kDkdvSmem =  // K, V, 2x Q, 2x dO, 2x (lse_log2, delta)
       (2 * kKeys + 4 * kSteps) * kPitch<D> * 2 + 4 * kSteps * int(sizeof(float));
   static constexpr int kDqSmem =  // Q, dO, 2x K, 2x V, 2x key bias
       (2 * kQueries + 4 * kKeyStep) * kPitch<D> * 2 + 2 * kKeyStep * int(sizeof(float));
 };
 
-// dK, dV of keys [n0, n0 + 64) of kv head (b, hkv). Warp w owns keys n0 + 16 w ... + 15 and computes,
-// per streamed tile of queries i: S^T = K Q^T, P^T = exp2(S^T scale log2e - lse_log2[i]) (masked),
-// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta[i]), dK += dS^T Q.
+// dK, dV of keys [n0, n0 + kKeys) of kv head (b, hkv). Warp w owns keys n0 + 16 (w / kSplit) ... + 15,
+// columns [c0, c0 + kCols) with c0 = kCols (w % kSplit), and computes, per streamed tile of queries i:
+// S^T = K Q^T, P^T = exp2(S^T scale log2e - lse_log2[i]) (masked), dV += P^T dO, dP^T = V dO^T,
+// dS^T = P^T (dP^T - delta[i]), dK += dS^T Q (S^T and dP^T over all D columns, dV and dK over its own).
 template <typename T, int D, bool CAUSAL>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
   constexpr int kKeys = BwdTile<D>::kKeys, kSteps = BwdTile<D>::kSteps, kPitchD = kPitch<D>;
+  constexpr int kSplit = BwdTile<D>::kSplit, kCols = BwdTile<D>::kCols;
   FASTLM_DYNAMIC_SHARED(T, smem);
   T* s_k = smem;                           // (kKeys, kPitchD)
   T* s_v = s_k + kKeys * kPitchD;          // (kKeys, kPitchD)
@@ -40,6 +46,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   const int64_t b = blockIdx.y / p.Hkv, hkv = blockIdx.y % p.Hkv, group = p.Hq / p.Hkv;
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int w16 = 16 * (warp / kSplit), c0 = kCols * (warp % kSplit);  // its keys from n0 + w16, columns from c0
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
 
@@ -68,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   if (steps > 0) load_step(0, 0);
   cp_async_commit();
 
-  float dk[D / 8][4] = {}, dv[D / 8][4] = {};  // this warp's 16 keys x D
-  const int64_t key[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};
+  float dk[kCols / 8][4] = {}, dv[kCols / 8][4] = {};  // this warp's 16 keys x kCols columns
+  const int64_t key[2] = {n0 + w16 + g, n0 + w16 + g + 8};
   const bool kept[2] = {key_kept(p, b, key[0]), key_kept(p, b, key[1])};
   const float scale_log2 = p.scale * kLog2e;
 
@@ -88,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
 
     float pt[kSteps / 8][4] = {};  // S^T, then P^T: rows = this warp's keys, cols = queries
-    mma_rows_rows<T, D>(pt, s_k + warp * 16 * kPitchD, sq);
+    mma_rows_rows<T, D>(pt, s_k + w16 * kPitchD, sq);
 #pragma unroll
     for (int nt = 0; nt < kSteps / 8; ++nt) {
 #pragma unroll
@@ -99,24 +106,24 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
         pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
       }
     }
-    mma_acc_rows<T, D, kSteps>(dv, pt, sdo);  // dV += P^T dO
+    mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += P^T dO
 
     float dst[kSteps / 8][4] = {};  // dP^T = V dO^T, then dS^T
-    mma_rows_rows<T, D>(dst, s_v + warp * 16 * kPitchD, sdo);
+    mma_rows_rows<T, D>(dst, s_v + w16 * kPitchD, sdo);
 #pragma unroll
     for (int nt = 0; nt < kSteps / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[buf * kSteps + nt * 8 + 2 * t + e % 2]);
     }
-    mma_acc_rows<T, D, kSteps>(dk, dst, sq);  // dK += dS^T Q
+    mma_acc_rows<T, D, kSteps, kCols>(dk, dst, sq + c0);  // dK += dS^T Q
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   if (steps == 0) cp_async_wait<0>();
 
   T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
   T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
-  store_rows<T, D>(dk_out, p.dk_stride[2], n0 + warp * 16, p.Lk, dk, p.scale, p.scale);
-  store_rows<T, D>(dv_out, p.dv_stride[2], n0 + warp * 16, p.Lk, dv, 1.f, 1.f);
+  store_rows<T, kCols>(dk_out + c0, p.dk_stride[2], n0 + w16, p.Lk, dk, p.scale, p.scale);
+  store_rows<T, kCols>(dv_out + c0, p.dv_stride[2], n0 + w16, p.Lk, dv, 1.f, 1.f);
 }
 
 // dQ of queries [m0, m0 + 64) of head (b, h): per streamed K/V tile, S = Q K^T, P = exp2(S scale log2e -

@@ -13,7 +13,7 @@ namespace attn {
 template <int D>
 struct FwdTile {
   static constexpr int kBlockM = 16 * kWarps;        // queries per block, 16 per warp
-  static constexpr int kBlockN = D <= 64 ? 64 : 32;  // keys per K/V tile
+  static constexpr int kBlockN = kStreamRows<D>;     // keys per K/V tile
   static constexpr int kSmemBytes =                  // Q, 2x K, 2x V, 2x key bias
       (kBlockM + 4 * kBlockN) * kPitch<D> * 2 + 2 * kBlockN * int(sizeof(float));
 };

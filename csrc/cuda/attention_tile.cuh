@@ -31,6 +31,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int D>
 constexpr int kPitch = D + 8;
 
+// Rows of a streamed K/V (or Q/dO) tile of D-wide heads: about the same mma work between barriers for every
+// D; the fewer rows at D = 256 leave registers to its accumulators.
+template <int D>
+constexpr int kStreamRows = D <= 64 ? 64 : (D <= 128 ? 32 : 16);
+
 // Two fp32 values as one .f16x2 / .bf16x2 register, `lo` in the low half.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -79,17 +84,17 @@ __device__ __forceinline__ void mma_rows_rows(float (&acc)[NT][4], const T* a_ro
   }
 }
 
-// acc[D/8][4] += P (16 x K, fp32 accumulators p[K/8][4], rounded to T) * B, B the K rows of `b_rows`
-// (D wide): P V, P^T dO, dS K, dS^T Q.
-template <typename T, int D, int K>
-__device__ __forceinline__ void mma_acc_rows(float (&acc)[D / 8][4], const float (&p)[K / 8][4], const T* b_rows) {
+// acc[W/8][4] += P (16 x K, fp32 accumulators p[K/8][4], rounded to T) * B, B the first W columns of the
+// K rows of `b_rows` (a tile of pitch kPitch<D>): P V, P^T dO, dS K, dS^T Q.
+template <typename T, int D, int K, int W = D>
+__device__ __forceinline__ void mma_acc_rows(float (&acc)[W / 8][4], const float (&p)[K / 8][4], const T* b_rows) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[4];
     acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
+    for (int dd = 0; dd < W / 16; ++dd) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, b_rows + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch<D> + dd * 16 + (lane / 16) * 8);
       mma<T>(acc[2 * dd], a, b[0], b[1]);

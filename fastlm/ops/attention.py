@@ -190,7 +190,7 @@ MAX_KERNEL_HEAD_DIM = 256
 # what they lack (below) is refused by routing such calls away from `cuda` / `cuda_emu`.
 CUDA_BACKENDS = ("cuda", "cuda_emu")
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_HEAD_DIMS = (32, 64, 128)
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 def _kernels(backend):

@@ -24,7 +24,7 @@ from fastlm.testing import assert_close_to_reference, poisoned_outputs, randn
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AVAILABLE = [name for name in IMPLEMENTED if name != "reference" and name in fastlm.available_backends(DEVICE)]
-# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/128; see _cuda_missing) and
+# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/96/128/256; see _cuda_missing) and
 # the emulator runs them slowly: they get the lean covering suite of their own section below.
 KERNELS = [name for name in AVAILABLE if name not in CUDA_BACKENDS]
 CUDA_KERNELS = [name for name in AVAILABLE if name in CUDA_BACKENDS]
@@ -453,13 +453,25 @@ def test_cuda_features(kernel, feature, dtype):
 @pytest.mark.parametrize("Lq, Lk", [(1, 1), (1, 130), (130, 1), (17, 64), (65, 17), (97, 130)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_lengths(kernel, Lq, Lk, causal):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1)
+    _run(kernel, B=2, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=32, causal=causal, pad=Lk > 1)
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
-@pytest.mark.parametrize("D, dtype", [(32, BF16), (64, FP16), (64, BF16), (128, FP16), (128, BF16)], ids=str)
+@pytest.mark.parametrize(
+    "D, dtype",
+    [(32, BF16), (64, FP16), (64, BF16), (96, FP16), (96, BF16), (128, FP16), (128, BF16), (256, FP16), (256, BF16)],
+    ids=str,
+)
 def test_cuda_head_dims(kernel, D, dtype):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D == 64, scale=0.3, dtype=dtype)
+    _run(kernel, B=2, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D in (64, 256), scale=0.3, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("D, dtype, causal", [(96, BF16, True), (256, FP16, False), (256, BF16, True)], ids=str)
+def test_cuda_large_head_dims_several_blocks(kernel, D, dtype, causal):
+    """Two query blocks and several key blocks (at D = 256 the dK/dV kernel takes 32 keys per block, two
+    warps per 16 keys each holding half of the columns), right padding, a GQA group of 2."""
+    _run(kernel, B=2, Hq=2, Hkv=1, Lq=71, Lk=97, D=D, pad="right", causal=causal, dtype=dtype)
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
@@ -553,7 +565,7 @@ GLUE_ERRORS = [
     ("k/v shapes", lambda q, k, v: (q, k, v[:, :, :5]), {}, "same shape"),
     ("Hq % Hkv", lambda q, k, v: (q, k[:, :1].expand(2, 3, 9, 32), v[:, :1].expand(2, 3, 9, 32)), {}, "multiple"),
     ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, "float16 or bfloat16"),
-    ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {}, "head dim 32, 64 or 128"),
+    ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {}, "head dim 32, 64, 96, 128 or 256"),
     ("mask", lambda q, k, v: (q, k, v), {"mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
     ("bias", lambda q, k, v: (q, k, v), {"bias": torch.zeros(2, 2, 7, 9, dtype=FP16)}, "attn_bias"),
     ("dropout", lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, "dropout"),
