@@ -17,6 +17,7 @@
 
 #include "attention.h"
 #include "common.cuh"
+#include "philox.cuh"
 #include "tensor_core.cuh"
 
 namespace fastlm {
@@ -116,6 +117,41 @@ __device__ __forceinline__ bool key_kept(const AttentionParams& p, int64_t b, in
   return col < p.Lk && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
 }
 
+// Element `idx` of a float32 / float16 / bfloat16 array, as fp32.
+__device__ __forceinline__ float load_as_float(const void* ptr, DType dtype, int64_t idx) {
+  if (dtype == DType::f16) return to_float(__ldg(static_cast<const __half*>(ptr) + idx));
+  if (dtype == DType::bf16) return to_float(__ldg(static_cast<const __nv_bfloat16*>(ptr) + idx));
+  return __ldg(static_cast<const float*>(ptr) + idx);
+}
+
+// Score extras (EXTRAS kernels): `x`, the log2-domain score of query i and key j of head (b, h), plus
+// (bias[b, h, i, j] + table[bucket[j - i + Lq - 1], h]) * log2(e); masked scores (-inf) and rows past
+// Lq stay as they are, so nothing outside the inputs is read.
+__device__ __forceinline__ float add_score_extras(const AttentionParams& p, float x, int64_t b, int64_t h, int64_t i,
+                                                  int64_t j) {
+  if (x == -INFINITY || i >= p.Lq) return x;
+  float extra = 0.f;
+  if (p.bias != nullptr) {
+    extra += load_as_float(p.bias, p.bias_dtype,
+                           b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]);
+  }
+  if (p.table != nullptr) {
+    const int64_t bucket = __ldg(p.bucket + (j - i + p.Lq - 1));
+    extra += load_as_float(p.table, p.table_dtype, bucket * p.table_stride[0] + h * p.table_stride[1]);
+  }
+  return x + extra * kLog2e;
+}
+
+// Dropout (EXTRAS kernels) of probability `prob` of query i and key j of head (b, h): Z / (1 - dropout_p)
+// with Z = 1 when Philox at offset ((b * Hq + h) * Lq + i) * Lk + j keeps it, 0 when it drops it; 1
+// without dropout and for prob = 0 (products with it vanish anyway, so the draw is skipped).
+__device__ __forceinline__ float dropout_factor(const AttentionParams& p, float prob, int64_t b, int64_t h, int64_t i,
+                                                int64_t j) {
+  if (p.dropout_p == 0.f || prob == 0.f) return 1.f;
+  const uint64_t offset = uint64_t(((b * p.Hq + h) * p.Lq + i) * p.Lk + j);
+  return philox_uniform(p.seed, offset) >= p.dropout_p ? 1.f / (1.f - p.dropout_p) : 0.f;
+}
+
 // Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then
 // row g + 8), scaled, stored as T to rows < L of `out` (row stride `stride`).
 template <typename T, int D>
@@ -135,11 +171,17 @@ __device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0,
   }
 }
 
-// Instantiates launch<T, CAUSAL>(p, stream) for p's dtype and causal flag.
+// Instantiates launch<T, CAUSAL, EXTRAS>(p, stream) for p's dtype, causal flag and p.has_extras(): one
+// EXTRAS kernel serves every mix of bias / rel_pos / dropout through warp-uniform runtime checks, and
+// the plain kernels carry none of that code.
 template <typename Launch>
-cudaError_t dtype_causal_switch(const AttentionParams& p, Launch&& launch) {
+cudaError_t attention_switch(const AttentionParams& p, Launch&& launch) {
+  auto by_extras = [&]<typename T, bool CAUSAL>() {
+    return p.has_extras() ? launch.template operator()<T, CAUSAL, true>()
+                          : launch.template operator()<T, CAUSAL, false>();
+  };
   auto by_causal = [&]<typename T>() {
-    return p.causal ? launch.template operator()<T, true>() : launch.template operator()<T, false>();
+    return p.causal ? by_extras.template operator()<T, true>() : by_extras.template operator()<T, false>();
   };
   if (p.dtype == DType::f16) return by_causal.template operator()<__half>();
   if (p.dtype == DType::bf16) return by_causal.template operator()<__nv_bfloat16>();
