@@ -194,9 +194,10 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
-  // zero-filled: the kernels skip the score tiles above the causal diagonal
-  at::Tensor dbias = at::zeros(need_dbias ? std::vector<int64_t>{p.B, p.Hq, p.Lq, p.Lk} : std::vector<int64_t>{0}, fp32);
+  // zero-filled: the dQ kernel skips the tiles above the causal diagonal and adds to dtable's partials
   const int64_t slabs = (p.Lq + kAttentionSlab - 1) / kAttentionSlab;
+  at::Tensor dbias = at::zeros(need_dbias ? std::vector<int64_t>{p.B, p.Hq, p.Lq, p.Lk} : std::vector<int64_t>{0},
+                               fp32);
   at::Tensor dtable_partial = at::zeros(
       need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0}, fp32);
   // (B, Hq, slabs, num_buckets) -> (num_buckets, Hq); torch's sum has a fixed order

@@ -27,9 +27,10 @@ struct BwdTile {
 // per streamed tile of queries i: S^T = K Q^T, P^T = exp2(S^T scale log2e - lse_log2[i]) (masked),
 // dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta[i]), dK += dS^T Q. EXTRAS: S^T gets the bias /
 // relative-position terms; with dropout Z, dV += (Z P / (1 - p))^T dO and dS^T = P^T (Z dP^T / (1 - p) -
-// delta[i]), so dV waits for the dS loop, which leaves Z P / (1 - p) in place of P.
+// delta[i]): Z is drawn before S^T takes its registers, and dV waits for dS^T, after which P^T becomes
+// Z P^T / (1 - p). EXTRAS kernels ask for one block per SM (up to 255 registers) rather than spill to fit 3.
 template <typename T, int D, bool CAUSAL, bool EXTRAS>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_kernel(const AttentionParams p) {
   constexpr int kKeys = BwdTile<D>::kKeys, kSteps = BwdTile<D>::kSteps, kPitchD = kPitch<D>;
   FASTLM_DYNAMIC_SHARED(T, smem);
   T* s_k = smem;                           // (kKeys, kPitchD)
@@ -89,6 +90,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const T* sdo = s_do + buf * kSteps * kPitchD;
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
     const int64_t h = hkv * group + step / (m_blocks - m_first);
+    // dropout's Z^T (rows: keys, columns: queries), drawn where P^T can be nonzero, before S^T takes registers
+    [[maybe_unused]] uint32_t keep = ~0u;
+    if constexpr (EXTRAS) {
+      uint32_t live = 0;
+#pragma unroll
+      for (int bit = 0; bit < kSteps / 2; ++bit) {
+        const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2, j = key[bit % 4 / 2];
+        live |= uint32_t(kept[bit % 4 / 2] && i < p.Lq && (!CAUSAL || j <= i + p.Lk - p.Lq)) << bit;
+      }
+      keep = dropout_keep<kSteps / 8>(p, live, ((b * p.Hq + h) * p.Lq + m0) * p.Lk + n0 + warp * 16, 1, p.Lk);
+    }
 
     float pt[kSteps / 8][4] = {};  // S^T, then P^T: rows = this warp's keys, cols = queries
     mma_rows_rows<T, D>(pt, s_k + warp * 16 * kPitchD, sq);
@@ -99,30 +111,28 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
         const int i = nt * 8 + 2 * t + e % 2;
         bool visible = kept[e / 2];
         if (CAUSAL) visible = visible && key[e / 2] <= m0 + i + p.Lk - p.Lq;
-        float x = pt[nt][e] * scale_log2;
-        if constexpr (EXTRAS) x = visible ? add_score_extras(p, x, b, h, m0 + i, key[e / 2]) : x;
-        pt[nt][e] = visible ? exp2f(x - s_lse[buf * kSteps + i]) : 0.f;
+        if constexpr (EXTRAS) {
+          const float extra = visible && m0 + i < p.Lq ? score_extras_log2(p, b, h, m0 + i, key[e / 2]) : 0.f;
+          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 + extra - s_lse[buf * kSteps + i]) : 0.f;
+        } else {
+          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
+        }
       }
     }
     if constexpr (!EXTRAS) mma_acc_rows<T, D, kSteps>(dv, pt, sdo);  // dV += P^T dO
 
     float dst[kSteps / 8][4] = {};  // dP^T = V dO^T, then dS^T
     mma_rows_rows<T, D>(dst, s_v + warp * 16 * kPitchD, sdo);
+    if constexpr (EXTRAS) apply_keep(p, dst, keep);  // Z dP^T / (1 - p)
 #pragma unroll
     for (int nt = 0; nt < kSteps / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = nt * 8 + 2 * t + e % 2;
-        if constexpr (EXTRAS) {
-          const float z = dropout_factor(p, pt[nt][e], b, h, m0 + i, key[e / 2]);
-          dst[nt][e] = pt[nt][e] * (dst[nt][e] * z - s_delta[buf * kSteps + i]);
-          pt[nt][e] *= z;
-        } else {
-          dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[buf * kSteps + i]);
-        }
-      }
+      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[buf * kSteps + nt * 8 + 2 * t + e % 2]);
     }
-    if constexpr (EXTRAS) mma_acc_rows<T, D, kSteps>(dv, pt, sdo);  // dV += (Z P / (1 - p))^T dO
+    if constexpr (EXTRAS) {
+      apply_keep(p, pt, keep);
+      mma_acc_rows<T, D, kSteps>(dv, pt, sdo);  // dV += (Z P / (1 - p))^T dO
+    }
     mma_acc_rows<T, D, kSteps>(dk, dst, sq);  // dK += dS^T Q
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
@@ -266,15 +276,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
     }
     float ds[kKeyStep / 8][4] = {};  // dP = dO V^T, then dS
     mma_rows_rows<T, D>(ds, s_do + warp * 16 * kPitchD, s_v + buf * kKeyStep * kPitchD);
+    if constexpr (EXTRAS) {
+      const int64_t base = (bh * p.Lq + m0 + warp * 16) * p.Lk + j0;  // dropout offset of this warp's (0, 0)
+      apply_keep(p, ds, dropout_keep<kKeyStep / 8>(p, nonzero_bits(ps), base, p.Lk, 1));  // Z dP / (1 - p)
+    }
 #pragma unroll
     for (int nt = 0; nt < kKeyStep / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if constexpr (EXTRAS) {
-          ds[nt][e] *= dropout_factor(p, ps[nt][e], b, h, row[e / 2], j0 + nt * 8 + 2 * t + e % 2);
-        }
-        ds[nt][e] = ps[nt][e] * (ds[nt][e] - delta[e / 2]);
-      }
+      for (int e = 0; e < 4; ++e) ds[nt][e] = ps[nt][e] * (ds[nt][e] - delta[e / 2]);
     }
     if constexpr (EXTRAS) {
       if (p.dbias != nullptr) {

@@ -108,15 +108,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       }
     }
     if constexpr (EXTRAS) {
-      if (p.dropout_p > 0.f) {
-#pragma unroll
-        for (int nt = 0; nt < kBlockN / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[nt][e] *= dropout_factor(p, s[nt][e], b, h, row[e / 2], n0 + nt * 8 + 2 * t + e % 2);
-          }
-        }
-      }
+      const int64_t base = (bh * p.Lq + m0 + warp * 16) * p.Lk + n0;  // dropout offset of this warp's (0, 0)
+      apply_keep(p, s, dropout_keep<kBlockN / 8>(p, nonzero_bits(s), base, p.Lk, 1));
     }
 
     mma_acc_rows<T, D, kBlockN>(acc, s, s_v + buf * kBlockN * kPitchD);  // O += P V
