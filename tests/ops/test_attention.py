@@ -509,6 +509,25 @@ def test_cuda_extras_long_and_deterministic_backward(kernel):
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_rel_pos_table_read_through_strides(kernel):
+    """A bf16 table (fp16 q) read through the strides of a transposed view gives exactly what its
+    contiguous copy gives, output and table gradient."""
+    q, k, v = (randn(1, 3, L, 32, dtype=FP16, device=DEVICE) for L in (20, 33, 33))
+    weight = randn(3, 16, dtype=BF16, device=DEVICE)  # (Hq, num_buckets)
+    do = randn(1, 3, 20, 32, dtype=FP16, device=DEVICE)
+
+    def run(table):
+        table = table.detach().requires_grad_()
+        with fastlm.use_backend(kernel):
+            out = attention(q, k, v, rel_pos=RelativePositionBias(table, bidirectional=True, max_distance=20))
+        return out, torch.autograd.grad(out, table, do)[0]
+
+    strided, contiguous = run(weight.t()), run(weight.t().contiguous())  # (num_buckets, Hq), strides (1, 16)
+    assert weight.t().stride() == (1, 16)
+    assert torch.equal(strided[0], contiguous[0]) and torch.equal(strided[1], contiguous[1])
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
 def test_cuda_dropout_mask_is_the_stream_of_every_backend(kernel):
     """q = 0 makes the probabilities uniform and v = identity reads the keep-mask back: the CUDA kernels
     keep exactly dropout_keep_mask's elements, and the triton backend's, for the same torch seed."""
