@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
         const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2, j = key[bit % 4 / 2];
         live |= uint32_t(kept[bit % 4 / 2] && i < p.Lq && (!CAUSAL || j <= i + p.Lk - p.Lq)) << bit;
       }
-      keep = dropout_keep<kSteps / 8>(p, live, ((b * p.Hq + h) * p.Lq + m0) * p.Lk + n0 + warp * 16, 1, p.Lk);
+      const int64_t base = ((b * p.Hq + h) * p.Lq + m0) * p.Lk + key[0] - g;  // offset of (query m0, first key)
+      keep = dropout_keep<kSteps / 8>(p, live, base, 1, p.Lk);
     }
 
     float pt[kSteps / 8][4] = {};  // S^T, then P^T: rows = this warp's keys, cols = queries
