@@ -42,14 +42,52 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": B * Hq must be at most 65535, got ", q.size(0) * q.size(1));
 }
 
-void check_unsupported(const char* op, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& table,
-                       double dropout_p) {
-  TORCH_CHECK(!bias.has_value(), op, ": attn_bias is not implemented by the CUDA attention kernels "
-              "(use the triton or reference backend)");
-  TORCH_CHECK(!table.has_value(), op, ": rel_pos is not implemented by the CUDA attention kernels "
-              "(use the triton or reference backend)");
-  TORCH_CHECK(dropout_p == 0.0, op, ": dropout is not implemented by the CUDA attention kernels "
-              "(use the triton or reference backend), got dropout_p=", dropout_p);
+// attn_bias, rel_pos (table, bucket) and dropout (seed, dropout_p) into p for the EXTRAS kernels.
+void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& bucket,
+                const at::Tensor& seed, double dropout_p, const char* op) {
+  if (bias.has_value()) {
+    FASTLM_CHECK_SAME_DEVICE(op, *bias, "attn_bias", q);
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq, p.Lk}), op,
+                ": attn_bias must be (B, Hq, Lq, Lk) = (", p.B, ", ", p.Hq, ", ", p.Lq, ", ", p.Lk,
+                ") (an expanded view), got ", bias->sizes());
+    p.bias_dtype = dtype_of(*bias, op, "attn_bias");
+    p.bias = bias->data_ptr();
+    for (int d = 0; d < 4; ++d) p.bias_stride[d] = bias->stride(d);
+  }
+  TORCH_CHECK(table.has_value() == bucket.has_value(), op, ": rel_pos needs both table and bucket, got ",
+              table.has_value() ? "no bucket" : "no table");
+  if (table.has_value()) {
+    FASTLM_CHECK_SAME_DEVICE(op, *table, "rel_pos table", q);
+    FASTLM_CHECK_SAME_DEVICE(op, *bucket, "bucket", q);
+    TORCH_CHECK(table->dim() == 2 && table->size(0) > 0 && table->size(1) == p.Hq, op,
+                ": rel_pos table must be (num_buckets, Hq=", p.Hq, "), got ", table->sizes());
+    p.table_dtype = dtype_of(*table, op, "rel_pos table");
+    const int64_t diagonals = p.Lq + p.Lk - 1;
+    TORCH_CHECK(bucket->scalar_type() == at::kInt && bucket->dim() == 1 && bucket->size(0) == diagonals &&
+                    bucket->is_contiguous(),
+                op, ": bucket must be a contiguous int32 (Lq + Lk - 1,) = (", diagonals, ",) tensor, got ",
+                bucket->scalar_type(), " ", bucket->sizes(), " with strides ", bucket->strides());
+    if (diagonals > 0) {
+      const auto [lo, hi] = at::aminmax(*bucket);
+      TORCH_CHECK(lo.item<int32_t>() >= 0 && hi.item<int32_t>() < table->size(0), op,
+                  ": bucket entries must lie in [0, num_buckets=", table->size(0), "), got [", lo.item<int32_t>(),
+                  ", ", hi.item<int32_t>(), "]");
+    }
+    p.table = table->data_ptr();
+    p.table_stride[0] = table->stride(0);
+    p.table_stride[1] = table->stride(1);
+    p.bucket = bucket->data_ptr<int32_t>();
+    p.num_buckets = table->size(0);
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.is_cpu(), op,
+                ": seed must be a (1,) int64 CPU tensor, got ", seed.scalar_type(), " ", seed.sizes(), " on ",
+                seed.device());
+    p.seed = static_cast<uint64_t>(seed.item<int64_t>());
+    p.dropout_p = static_cast<float>(dropout_p);
+  }
 }
 
 void set_mask(AttentionParams& p, const c10::optional<at::Tensor>& mask, const at::Tensor& q, const char* op) {
@@ -114,12 +152,10 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
                                       const c10::optional<at::Tensor>& table,
                                       const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
                                       double scale, double dropout_p) {
-  (void)bucket;
-  (void)seed;
   check_qkv(kFwd, q_in, k_in, v_in);
-  check_unsupported(kFwd, bias, table, dropout_p);
   const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kFwd);
+  set_extras(p, q, bias, table, bucket, seed, dropout_p, kFwd);
   at::Tensor o = new_output({p.B, p.Hq, p.Lq, p.head_dim}, q.options());
   at::Tensor lse = new_output({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   if (o.numel() == 0) return {o, lse};
@@ -137,11 +173,9 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
                                       const c10::optional<at::Tensor>& table,
                                       const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
                                       double scale, double dropout_p, bool need_dbias, bool need_dtable) {
-  (void)bucket;
-  (void)seed;
   check_qkv(kBwd, q_in, k_in, v_in);
-  check_unsupported(kBwd, bias, table, dropout_p);
-  TORCH_CHECK(!need_dbias && !need_dtable, kBwd, ": the CUDA attention kernels compute no attn_bias / rel_pos gradient");
+  TORCH_CHECK(bias.has_value() || !need_dbias, kBwd, ": need_dbias without attn_bias");
+  TORCH_CHECK(table.has_value() || !need_dtable, kBwd, ": need_dtable without a rel_pos table");
   for (const auto& [t, name] : {std::pair{&do_in, "do"}, std::pair{&o_in, "o"}}) {
     TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type(), kBwd, ": ", name,
                 " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), ", got ", t->sizes(), " ",
@@ -155,11 +189,20 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
   const at::Tensor dout = rows_of_16_bytes(do_in), o = rows_of_16_bytes(o_in), lse = lse_in.contiguous();
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kBwd);
+  set_extras(p, q, bias, table, bucket, seed, dropout_p, kBwd);
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
-  at::Tensor none = at::empty({0}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), none, none};
+  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+  // zero-filled: the dQ kernel skips the tiles above the causal diagonal and adds to dtable's partials
+  const int64_t slabs = (p.Lq + kAttentionSlab - 1) / kAttentionSlab;
+  at::Tensor dbias = at::zeros(need_dbias ? std::vector<int64_t>{p.B, p.Hq, p.Lq, p.Lk} : std::vector<int64_t>{0},
+                               fp32);
+  at::Tensor dtable_partial = at::zeros(
+      need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0}, fp32);
+  // (B, Hq, slabs, num_buckets) -> (num_buckets, Hq); torch's sum has a fixed order
+  auto dtable = [&] { return need_dtable ? dtable_partial.sum({0, 2}).t().contiguous() : dtable_partial; };
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable()};
   at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   at::Tensor lse_log2 = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   p.o = o.data_ptr();
@@ -175,21 +218,26 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   set_strides(p.dq_stride, dq);
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
+  if (need_dbias) p.dbias = dbias.data_ptr<float>();
+  if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
   run_bwd(p, q);
-  return {dq, dk, dv, none, none};
+  return {dq, dk, dv, dbias, dtable()};
 }
 
 }  // namespace
 
 void bind_attention(pybind11::module_& m) {
   m.def("attention_fwd", &attention_fwd,
-        "Fused attention forward (fp16/bf16, head dim 32/64/96/128/256): returns [o (B, Hq, Lq, D), "
-        "lse (B, Hq, Lq) fp32]",
+        "Fused attention forward (fp16/bf16, head dim 32/64/96/128/256; bias (B, Hq, Lq, Lk) any strides, rel_pos table "
+        "(num_buckets, Hq) with bucket (Lq + Lk - 1,) int32, dropout from seed (1,) int64 CPU, all optional): "
+        "returns [o (B, Hq, Lq, D), lse (B, Hq, Lq) fp32]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),
         pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
         pybind11::arg("scale"), pybind11::arg("dropout_p"));
   m.def("attention_bwd", &attention_bwd,
-        "Fused attention backward (deterministic): returns [dq, dk, dv, dbias (empty), dtable (empty)]",
+        "Fused attention backward (deterministic): returns [dq, dk, dv, dbias, dtable]; dbias (B, Hq, Lq, Lk) "
+        "fp32, the gradient of the expanded bias, when need_dbias, dtable (num_buckets, Hq) fp32 when need_dtable, "
+        "else empty",
         pybind11::arg("do"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
         pybind11::arg("lse"), pybind11::arg("bias"), pybind11::arg("mask"), pybind11::arg("table"),
         pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),

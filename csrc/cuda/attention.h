@@ -10,6 +10,8 @@
 
 namespace fastlm {
 
+constexpr int64_t kAttentionSlab = 16;  // queries per partial of the table gradient (dtable below)
+
 // q, o: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D), each with unit stride along D and the other strides
 // (elements) multiples of 8 on 16-byte aligned data, so that rows move in 16-byte cp.async copies.
 // dtype is f16 or bf16; lse is fp32 (B, Hq, Lq) contiguous, natural log, -inf for rows with no key.
@@ -30,6 +32,22 @@ struct AttentionParams {
   int64_t o_stride[3] = {0, 0, 0};
   int64_t mask_stride[2] = {0, 0};  // (b, j)
 
+  // Score extras, read only by the kernels instantiated with EXTRAS (has_extras()): an additive bias
+  // (B, Hq, Lq, Lk) with any strides (0 along broadcast dims); T5's relative-position bias table
+  // (num_buckets, Hq), any strides, read at bucket[j - i + Lq - 1] (int32, Lq + Lk - 1 entries, each in
+  // [0, num_buckets)); dropout of the probabilities with Philox (philox.cuh) at offset
+  // ((b * Hq + h) * Lq + i) * Lk + j, kept iff uniform >= dropout_p.
+  const void* bias = nullptr;
+  DType bias_dtype = DType::f32;
+  int64_t bias_stride[4] = {0, 0, 0, 0};  // (b, h, i, j)
+  const void* table = nullptr;
+  DType table_dtype = DType::f32;
+  int64_t table_stride[2] = {0, 0};  // (bucket, h)
+  const int32_t* bucket = nullptr;
+  int64_t num_buckets = 0;
+  float dropout_p = 0.f;
+  uint64_t seed = 0;
+
   // backward: o and lse (above) are the forward's; dq, dk, dv have the shapes, dtype and layout rules
   // of q, k, v; delta and lse_log2 are (B, Hq, Lq) fp32 scratch written by the preprocess kernel
   const void* dout = nullptr;
@@ -39,6 +57,14 @@ struct AttentionParams {
   float* delta = nullptr;     // rowsum(dO * O)
   float* lse_log2 = nullptr;  // lse * log2(e), +inf for rows with no key (their P is 0)
   int64_t do_stride[3] = {0, 0, 0}, dq_stride[3] = {0, 0, 0}, dk_stride[3] = {0, 0, 0}, dv_stride[3] = {0, 0, 0};
+  // Optional gradients of the score extras, written by the dQ kernel, fp32, contiguous, zero-filled by
+  // the caller: dbias (B, Hq, Lq, Lk) = dS, the gradient of the expanded bias (masked entries 0);
+  // dtable (B, Hq, ceil(Lq / kAttentionSlab), num_buckets): partial sums of dS per bucket, one per slab
+  // of kAttentionSlab queries (the 16 rows of one warp of the dQ kernel), summed by the caller.
+  float* dbias = nullptr;
+  float* dtable = nullptr;
+
+  bool has_extras() const { return bias != nullptr || table != nullptr || dropout_p > 0.f; }
 };
 
 // Whether this build has kernels for head dim D (setup.py's FASTLM_ATTN_HDIMS drops some for a quick

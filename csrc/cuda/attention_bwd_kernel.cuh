@@ -31,8 +31,12 @@ struct BwdTile {
 // columns [c0, c0 + kCols) with c0 = kCols (w % kSplit), and computes, per streamed tile of queries i:
 // S^T = K Q^T, P^T = exp2(S^T scale log2e - lse_log2[i]) (masked), dV += P^T dO, dP^T = V dO^T,
 // dS^T = P^T (dP^T - delta[i]), dK += dS^T Q (S^T and dP^T over all D columns, dV and dK over its own).
-template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+// EXTRAS: S^T gets the bias / relative-position terms; with dropout Z, dV += (Z P / (1 - p))^T dO and
+// dS^T = P^T (Z dP^T / (1 - p) - delta[i]): Z is drawn before S^T takes its registers, and dV waits for
+// dS^T, after which P^T becomes Z P^T / (1 - p). EXTRAS kernels ask for one block per SM (up to 255
+// registers) rather than spill to fit 3.
+template <typename T, int D, bool CAUSAL, bool EXTRAS>
+__global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_kernel(const AttentionParams p) {
   constexpr int kKeys = BwdTile<D>::kKeys, kSteps = BwdTile<D>::kSteps, kPitchD = kPitch<D>;
   constexpr int kSplit = BwdTile<D>::kSplit, kCols = BwdTile<D>::kCols;
   FASTLM_DYNAMIC_SHARED(T, smem);
@@ -93,6 +97,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
     const T* sq = s_q + buf * kSteps * kPitchD;
     const T* sdo = s_do + buf * kSteps * kPitchD;
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
+    const int64_t h = hkv * group + step / (m_blocks - m_first);
+    // dropout's Z^T (rows: keys, columns: queries), drawn where P^T can be nonzero, before S^T takes registers
+    [[maybe_unused]] uint32_t keep = ~0u;
+    if constexpr (EXTRAS) {
+      uint32_t live = 0;
+#pragma unroll
+      for (int bit = 0; bit < kSteps / 2; ++bit) {
+        const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2, j = key[bit % 4 / 2];
+        live |= uint32_t(kept[bit % 4 / 2] && i < p.Lq && (!CAUSAL || j <= i + p.Lk - p.Lq)) << bit;
+      }
+      const int64_t base = ((b * p.Hq + h) * p.Lq + m0) * p.Lk + key[0] - g;  // offset of (query m0, first key)
+      keep = dropout_keep<kSteps / 8>(p, live, base, 1, p.Lk);
+    }
 
     float pt[kSteps / 8][4] = {};  // S^T, then P^T: rows = this warp's keys, cols = queries
     mma_rows_rows<T, D>(pt, s_k + w16 * kPitchD, sq);
@@ -103,17 +120,27 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
         const int i = nt * 8 + 2 * t + e % 2;
         bool visible = kept[e / 2];
         if (CAUSAL) visible = visible && key[e / 2] <= m0 + i + p.Lk - p.Lq;
-        pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
+        if constexpr (EXTRAS) {
+          const float extra = visible && m0 + i < p.Lq ? score_extras_log2(p, b, h, m0 + i, key[e / 2]) : 0.f;
+          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 + extra - s_lse[buf * kSteps + i]) : 0.f;
+        } else {
+          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
+        }
       }
     }
-    mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += P^T dO
+    if constexpr (!EXTRAS) mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += P^T dO
 
     float dst[kSteps / 8][4] = {};  // dP^T = V dO^T, then dS^T
     mma_rows_rows<T, D>(dst, s_v + w16 * kPitchD, sdo);
+    if constexpr (EXTRAS) apply_keep(p, dst, keep);  // Z dP^T / (1 - p)
 #pragma unroll
     for (int nt = 0; nt < kSteps / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - s_delta[buf * kSteps + nt * 8 + 2 * t + e % 2]);
+    }
+    if constexpr (EXTRAS) {
+      apply_keep(p, pt, keep);
+      mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += (Z P / (1 - p))^T dO
     }
     mma_acc_rows<T, D, kSteps, kCols>(dk, dst, sq + c0);  // dK += dS^T Q
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
@@ -126,9 +153,61 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   store_rows<T, kCols>(dv_out + c0, p.dv_stride[2], n0 + w16, p.Lk, dv, 1.f, 1.f);
 }
 
+// The table gradient's smem (EXTRAS dQ kernel with p.dtable): per warp, its 16 x N dS tile skewed so that
+// row r, column c sits at column c - r + 15 (zeros elsewhere: the tile's diagonals become columns), then
+// a row of the diagonal sums.
+template <int N>
+struct DiagSkew {
+  static constexpr int kDiags = N + 15;
+  static constexpr int kStride = N + 16;  // floats per row
+  static constexpr int kWarpFloats = (kAttentionSlab + 1) * kStride;
+  static constexpr int kBytes = kWarps * kWarpFloats * int(sizeof(float));
+};
+
+// Adds this warp's dS tile (queries row0 + [0, 16) of head bh, keys j0 + [0, N)) to its slab's partial of
+// dtable, deterministically: each diagonal summed over its rows in order (one lane per diagonal), then
+// lane l sums the diagonals of buckets l, l + 32, ... in diagonal order into its own entries of the
+// partial (one writer per entry, in program order).
+template <int N>
+__device__ __forceinline__ void add_dtable_tile(const AttentionParams& p, const float (&ds)[N / 8][4], float* skew,
+                                                int64_t bh, int64_t row0, int64_t j0) {
+  using Skew = DiagSkew<N>;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = g + 8 * (e / 2), c = nt * 8 + 2 * t + e % 2;
+      skew[r * Skew::kStride + c - r + 15] = ds[nt][e];
+    }
+  }
+  __syncwarp();
+  float* diag = skew + kAttentionSlab * Skew::kStride;
+  for (int d = lane; d < Skew::kDiags; d += 32) {
+    float sum = 0.f;
+#pragma unroll
+    for (int r = 0; r < kAttentionSlab; ++r) sum += skew[r * Skew::kStride + d];
+    diag[d] = sum;
+  }
+  __syncwarp();
+  const int64_t t0 = j0 - (row0 + 15) + p.Lq - 1;  // diagonal d is j - i + Lq - 1 = t0 + d
+  const int64_t slabs = (p.Lq + kAttentionSlab - 1) / kAttentionSlab;
+  float* partial = p.dtable + (bh * slabs + row0 / kAttentionSlab) * p.num_buckets;
+  for (int64_t nb = lane; nb < p.num_buckets; nb += 32) {
+    float sum = 0.f;
+    for (int d = 0; d < Skew::kDiags; ++d) {
+      const int64_t diagonal = t0 + d;
+      if (diagonal >= 0 && diagonal < p.Lq + p.Lk - 1 && __ldg(p.bucket + diagonal) == nb) sum += diag[d];
+    }
+    partial[nb] += sum;
+  }
+}
+
 // dQ of queries [m0, m0 + 64) of head (b, h): per streamed K/V tile, S = Q K^T, P = exp2(S scale log2e -
-// lse_log2) (masked), dP = dO V^T, dS = P (dP - delta), dQ += dS K; dQ scaled once at the end.
-template <typename T, int D, bool CAUSAL>
+// lse_log2) (masked), dP = dO V^T, dS = P (dP - delta), dQ += dS K; dQ scaled once at the end. EXTRAS: S
+// gets the bias / relative-position terms, dropout Z makes dS = P (Z dP / (1 - p) - delta), and dS is
+// what the score extras' gradients are made of: written to dbias, summed per bucket into dtable.
+template <typename T, int D, bool CAUSAL, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   constexpr int kQueries = BwdTile<D>::kQueries, kKeyStep = BwdTile<D>::kKeyStep, kPitchD = kPitch<D>;
   FASTLM_DYNAMIC_SHARED(T, smem);
@@ -141,6 +220,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kQueries;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  static_assert(kQueries == kAttentionSlab * kWarps, "a dtable slab is one warp's rows");
+  float* s_skew = s_kbias + 2 * kKeyStep + warp * DiagSkew<kKeyStep>::kWarpFloats;  // with p.dtable only
+  if (EXTRAS && p.dtable != nullptr) {
+    for (int i = lane; i < kAttentionSlab * DiagSkew<kKeyStep>::kStride; i += 32) s_skew[i] = 0.f;
+  }
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
 
@@ -195,15 +279,34 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
         const int j = nt * 8 + 2 * t + e % 2;
         float x = ps[nt][e] * scale_log2 + s_kbias[buf * kKeyStep + j];
         if (CAUSAL && j0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
+        if constexpr (EXTRAS) x = add_score_extras(p, x, b, h, row[e / 2], j0 + j);
         ps[nt][e] = exp2f(x - lse[e / 2]);
       }
     }
     float ds[kKeyStep / 8][4] = {};  // dP = dO V^T, then dS
     mma_rows_rows<T, D>(ds, s_do + warp * 16 * kPitchD, s_v + buf * kKeyStep * kPitchD);
+    if constexpr (EXTRAS) {
+      const int64_t base = (bh * p.Lq + m0 + warp * 16) * p.Lk + j0;  // dropout offset of this warp's (0, 0)
+      apply_keep(p, ds, dropout_keep<kKeyStep / 8>(p, nonzero_bits(ps), base, p.Lk, 1));  // Z dP / (1 - p)
+    }
 #pragma unroll
     for (int nt = 0; nt < kKeyStep / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[nt][e] = ps[nt][e] * (ds[nt][e] - delta[e / 2]);
+    }
+    if constexpr (EXTRAS) {
+      if (p.dbias != nullptr) {
+#pragma unroll
+        for (int nt = 0; nt < kKeyStep / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = row[e / 2], j = j0 + nt * 8 + 2 * t + e % 2;
+            if (i < p.Lq && j < p.Lk) p.dbias[(bh * p.Lq + i) * p.Lk + j] = ds[nt][e];
+          }
+        }
+      }
+      const int64_t row0 = m0 + warp * 16;
+      if (p.dtable != nullptr && row0 < p.Lq) add_dtable_tile<kKeyStep>(p, ds, s_skew, bh, row0, j0);
     }
     mma_acc_rows<T, D, kKeyStep>(dq, ds, sk);  // dQ += dS K
     __syncthreads();
@@ -214,21 +317,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   store_rows<T, D>(dq_out, p.dq_stride[2], m0 + warp * 16, p.Lq, dq, p.scale, p.scale);
 }
 
-// Instantiates the dK/dV and dQ kernels for head dim D over the dtypes and the causal flag (after the
-// preprocess has written delta and lse_log2).
+// Instantiates the dK/dV and dQ kernels for head dim D over the dtypes, the causal flag and EXTRAS
+// (after the preprocess has written delta and lse_log2).
 template <int D>
 cudaError_t launch_bwd_hdim(const AttentionParams& p, cudaStream_t stream) {
-  return dtype_causal_switch(p, [&]<typename T, bool CAUSAL>() {
+  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS>() {
     using Tile = BwdTile<D>;
-    auto dkdv = attention_bwd_dkdv_kernel<T, D, CAUSAL>;
-    auto dq = attention_bwd_dq_kernel<T, D, CAUSAL>;
+    auto dkdv = attention_bwd_dkdv_kernel<T, D, CAUSAL, EXTRAS>;
+    auto dq = attention_bwd_dq_kernel<T, D, CAUSAL, EXTRAS>;
     if (const cudaError_t err = allow_smem(dkdv, Tile::kDkdvSmem); err != cudaSuccess) return err;
-    if (const cudaError_t err = allow_smem(dq, Tile::kDqSmem); err != cudaSuccess) return err;
+    const int dq_smem = Tile::kDqSmem + (EXTRAS && p.dtable != nullptr ? DiagSkew<Tile::kKeyStep>::kBytes : 0);
+    if (const cudaError_t err = allow_smem(dq, dq_smem); err != cudaSuccess) return err;
     const dim3 kv_grid(unsigned((p.Lk + Tile::kKeys - 1) / Tile::kKeys), unsigned(p.B * p.Hkv));
     FASTLM_LAUNCH(dkdv, kv_grid, kThreads, Tile::kDkdvSmem, stream)(p);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     const dim3 q_grid(unsigned((p.Lq + Tile::kQueries - 1) / Tile::kQueries), unsigned(p.B * p.Hq));
-    FASTLM_LAUNCH(dq, q_grid, kThreads, Tile::kDqSmem, stream)(p);
+    FASTLM_LAUNCH(dq, q_grid, kThreads, dq_smem, stream)(p);
     return cudaGetLastError();
   });
 }

@@ -18,7 +18,9 @@ struct FwdTile {
       (kBlockM + 4 * kBlockN) * kPitch<D> * 2 + 2 * kBlockN * int(sizeof(float));
 };
 
-template <typename T, int D, bool CAUSAL>
+// EXTRAS: scores get the bias / relative-position terms and probabilities the dropout mask (times
+// 1 / (1 - p)) after they entered the row sums, so the LSE is that of the undropped softmax.
+template <typename T, int D, bool CAUSAL, bool EXTRAS>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kBlockM = FwdTile<D>::kBlockM, kBlockN = FwdTile<D>::kBlockN, kPitchD = kPitch<D>;
   FASTLM_DYNAMIC_SHARED(T, smem);
@@ -80,6 +82,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
         const int j = nt * 8 + 2 * t + e % 2;
         float x = s[nt][e] * scale_log2 + s_kbias[buf * kBlockN + j];
         if (CAUSAL && n0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
+        if constexpr (EXTRAS) x = add_score_extras(p, x, b, h, row[e / 2], n0 + j);
         s[nt][e] = x;
         new_max[e / 2] = fmaxf(new_max[e / 2], x);
       }
@@ -104,6 +107,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
         row_sum[r] += s[nt][2 * r] + s[nt][2 * r + 1];
       }
     }
+    if constexpr (EXTRAS) {
+      const int64_t base = (bh * p.Lq + m0 + warp * 16) * p.Lk + n0;  // dropout offset of this warp's (0, 0)
+      apply_keep(p, s, dropout_keep<kBlockN / 8>(p, nonzero_bits(s), base, p.Lk, 1));
+    }
 
     mma_acc_rows<T, D, kBlockN>(acc, s, s_v + buf * kBlockN * kPitchD);  // O += P V
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
@@ -126,11 +133,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   store_rows<T, D>(o, p.o_stride[2], m0 + warp * 16, p.Lq, acc, inv[0], inv[1]);
 }
 
-// Instantiates the forward for head dim D over the dtypes and the causal flag.
+// Instantiates the forward for head dim D over the dtypes, the causal flag and EXTRAS.
 template <int D>
 cudaError_t launch_fwd_hdim(const AttentionParams& p, cudaStream_t stream) {
-  return dtype_causal_switch(p, [&]<typename T, bool CAUSAL>() {
-    auto kernel = attention_fwd_kernel<T, D, CAUSAL>;
+  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS>() {
+    auto kernel = attention_fwd_kernel<T, D, CAUSAL, EXTRAS>;
     constexpr int kSmem = FwdTile<D>::kSmemBytes;
     if (const cudaError_t err = allow_smem(kernel, kSmem); err != cudaSuccess) return err;
     const dim3 grid(unsigned((p.Lq + FwdTile<D>::kBlockM - 1) / FwdTile<D>::kBlockM), unsigned(p.B * p.Hq));

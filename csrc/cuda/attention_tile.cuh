@@ -17,6 +17,7 @@
 
 #include "attention.h"
 #include "common.cuh"
+#include "philox.cuh"
 #include "tensor_core.cuh"
 
 namespace fastlm {
@@ -121,6 +122,84 @@ __device__ __forceinline__ bool key_kept(const AttentionParams& p, int64_t b, in
   return col < p.Lk && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
 }
 
+// Element `idx` of a float32 / float16 / bfloat16 array, as fp32 (the 16-bit types widened from their bits).
+__device__ __forceinline__ float load_as_float(const void* ptr, DType dtype, int64_t idx) {
+  if (dtype == DType::f32) return __ldg(static_cast<const float*>(ptr) + idx);
+  const uint32_t bits = __ldg(static_cast<const unsigned short*>(ptr) + idx);
+  return dtype == DType::bf16 ? __uint_as_float(bits << 16) : __half2float(__ushort_as_half(bits));
+}
+
+// Score extras (EXTRAS kernels) of query i < Lq and key j < Lk of head (b, h), log2 domain:
+// (bias[b, h, i, j] + table[bucket[j - i + Lq - 1], h]) * log2(e).
+__device__ __forceinline__ float score_extras_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
+                                                   int64_t j) {
+  float extra = 0.f;
+  if (p.bias != nullptr) {
+    extra += load_as_float(p.bias, p.bias_dtype,
+                           b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]);
+  }
+  if (p.table != nullptr) {
+    const int64_t bucket = __ldg(p.bucket + (j - i + p.Lq - 1));
+    extra += load_as_float(p.table, p.table_dtype, bucket * p.table_stride[0] + h * p.table_stride[1]);
+  }
+  return extra * kLog2e;
+}
+
+// `x`, the log2-domain score of query i and key j of head (b, h), plus its extras; masked scores (-inf)
+// and rows past Lq stay as they are, so nothing outside the inputs is read.
+__device__ __forceinline__ float add_score_extras(const AttentionParams& p, float x, int64_t b, int64_t h, int64_t i,
+                                                  int64_t j) {
+  return x == -INFINITY || i >= p.Lq ? x : x + score_extras_log2(p, b, h, i, j);
+}
+
+// Bit 4 nt + e set where element (nt, e) of a 16 x (8 NT) tile of accumulators is nonzero.
+template <int NT>
+__device__ __forceinline__ uint32_t nonzero_bits(const float (&x)[NT][4]) {
+  static_assert(4 * NT <= 32, "one bit per element");
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) bits |= uint32_t(x[nt][e] != 0.f) << (4 * nt + e);
+  }
+  return bits;
+}
+
+// Dropout (EXTRAS kernels) of a warp's 16 x (8 NT) tile of accumulators (element (nt, e) at tile row
+// g + 8 (e / 2), column 8 nt + 2 t + e % 2): bit 4 nt + e set where dropout keeps it, i.e. where Philox at
+// offset base + row * row_step + column * col_step (((b * Hq + h) * Lq + i) * Lk + j, the caller placing
+// queries and keys on the tile's rows and columns) is >= dropout_p; drawn only for the bits of `live`
+// (probabilities that can be nonzero), the others read as dropped; every bit set without dropout. A
+// rolled loop: one Philox per kernel.
+template <int NT>
+__device__ __forceinline__ uint32_t dropout_keep(const AttentionParams& p, uint32_t live, int64_t base,
+                                                 int64_t row_step, int64_t col_step) {
+  static_assert(4 * NT <= 32, "one bit per element");
+  if (p.dropout_p == 0.f) return ~0u;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  uint32_t keep = 0;
+#pragma unroll 1
+  for (int bit = 0; bit < 4 * NT; ++bit) {
+    if (!(live >> bit & 1u)) continue;
+    const int nt = bit / 4, e = bit % 4;
+    const int64_t offset = base + (g + 8 * (e / 2)) * row_step + (nt * 8 + 2 * t + e % 2) * col_step;
+    if (philox_uniform(p.seed, uint64_t(offset)) >= p.dropout_p) keep |= 1u << bit;
+  }
+  return keep;
+}
+
+// x *= Z / (1 - dropout_p) for the tile of `keep` (dropout_keep), Z = its bit; nothing without dropout.
+template <int NT>
+__device__ __forceinline__ void apply_keep(const AttentionParams& p, float (&x)[NT][4], uint32_t keep) {
+  if (p.dropout_p == 0.f) return;
+  const float scale = 1.f / (1.f - p.dropout_p);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x[nt][e] = keep >> (4 * nt + e) & 1u ? x[nt][e] * scale : 0.f;
+  }
+}
+
 // Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then
 // row g + 8), scaled, stored as T to rows < L of `out` (row stride `stride`).
 template <typename T, int D>
@@ -140,11 +219,17 @@ __device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0,
   }
 }
 
-// Instantiates launch<T, CAUSAL>(p, stream) for p's dtype and causal flag.
+// Instantiates launch<T, CAUSAL, EXTRAS>(p, stream) for p's dtype, causal flag and p.has_extras(): one
+// EXTRAS kernel serves every mix of bias / rel_pos / dropout through warp-uniform runtime checks, and
+// the plain kernels carry none of that code.
 template <typename Launch>
-cudaError_t dtype_causal_switch(const AttentionParams& p, Launch&& launch) {
+cudaError_t attention_switch(const AttentionParams& p, Launch&& launch) {
+  auto by_extras = [&]<typename T, bool CAUSAL>() {
+    return p.has_extras() ? launch.template operator()<T, CAUSAL, true>()
+                          : launch.template operator()<T, CAUSAL, false>();
+  };
   auto by_causal = [&]<typename T>() {
-    return p.causal ? launch.template operator()<T, true>() : launch.template operator()<T, false>();
+    return p.causal ? by_extras.template operator()<T, true>() : by_extras.template operator()<T, false>();
   };
   if (p.dtype == DType::f16) return by_causal.template operator()<__half>();
   if (p.dtype == DType::bf16) return by_causal.template operator()<__nv_bfloat16>();

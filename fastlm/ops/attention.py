@@ -186,8 +186,9 @@ def _reference_lse(q, k, *, causal, key_padding_mask, attn_bias, rel_pos, scale)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLEMENTED = ("triton", "cuda", "cuda_emu", "reference")
 MAX_KERNEL_HEAD_DIM = 256
-# The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu): tensor cores take fp16/bf16;
-# what they lack (below) is refused by routing such calls away from `cuda` / `cuda_emu`.
+# The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu): every feature, on fp16/bf16
+# (tensor cores) and the head dims below; other calls are refused by routing them away from `cuda` /
+# `cuda_emu`.
 CUDA_BACKENDS = ("cuda", "cuda_emu")
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -202,18 +203,13 @@ def _kernels(backend):
     return _ext.C_EMU if backend == "cuda_emu" else _ext.C
 
 
-def _cuda_missing(q, attn_bias, rel_pos, dropout_p):
-    """None when the CUDA kernels implement this call, else what they lack (it names the op they refuse)."""
+def _cuda_missing(q):
+    """None when the CUDA kernels implement this call (q's dtype and head dim decide: attn_bias, rel_pos
+    and dropout are implemented), else what they lack (it names the op they refuse)."""
     if q.dtype not in CUDA_DTYPES:
         return f"{q.dtype} (CUDA kernels: fp16/bf16)"
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         return f"head dim {q.shape[-1]} (CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))})"
-    if attn_bias is not None:
-        return "attn_bias"
-    if rel_pos is not None:
-        return "rel_pos"
-    if dropout_p > 0.0:
-        return "dropout"
     return None
 
 
@@ -494,7 +490,7 @@ def attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     op = _kernel_op_name(q, attn_bias, rel_pos)
     implemented = IMPLEMENTED if op == "attention" else ("reference",)
-    missing = _cuda_missing(q, attn_bias, rel_pos, dropout_p) if op == "attention" else None
+    missing = _cuda_missing(q) if op == "attention" else None
     if missing is not None:
         op = f"attention with {missing}"
         implemented = tuple(name for name in implemented if name not in CUDA_BACKENDS)

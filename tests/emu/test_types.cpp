@@ -90,6 +90,8 @@ EMU_TEST(math_and_bit_intrinsics) {
   CHECK_EQ(__ffs(0x18), 4);
   CHECK_EQ(__clz(1), 31);
   CHECK_EQ(__brev(1u), 0x80000000u);
+  CHECK_EQ(__umulhi(0xD2511F53u, 0xFFFFFFFFu), 0xD2511F52u);  // (2^32 - 1) a = a 2^32 - a
+  CHECK_EQ(__umulhi(0x10000u, 0x10000u), 1u);
   CHECK_EQ(max(3, 7u), 7u);          // int, unsigned -> unsigned
   CHECK_EQ(min(-1, 2), -1);
   CHECK_EQ(max(1.5f, 2.5f), 2.5f);

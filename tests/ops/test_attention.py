@@ -21,7 +21,7 @@ from fastlm.ops.attention import (
 )
 from fastlm.testing import assert_close_to_reference, poisoned_outputs, randn
 
-FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+FP16, BF16, FP32, I32 = torch.float16, torch.bfloat16, torch.float32, torch.int32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AVAILABLE = [name for name in IMPLEMENTED if name != "reference" and name in fastlm.available_backends(DEVICE)]
 # The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/96/128/256; see _cuda_missing) and
@@ -42,6 +42,7 @@ def _run(
     causal=False,
     pad=False,
     bias_shape=None,
+    bias_dtype=None,
     rel_pos=None,
     dropout_p=0.0,
     scale=None,
@@ -49,7 +50,8 @@ def _run(
 ):
     """Forward and backward of fastlm.attention on `kernel` and of the reference (fp64 oracle and
     same-dtype baseline, given the kernel's dropout mask); compare the output and every gradient
-    (only the output when not `backward`)."""
+    (only the output when not `backward`). The bias is in `bias_dtype` (default: dtype), the rel_pos
+    table in fp32. Returns the kernel's output and gradients."""
     q = randn(B, Hq, Lq, D, dtype=dtype, device=DEVICE)
     k = randn(B, Hkv, Lk, D, dtype=dtype, device=DEVICE)
     v = randn(B, Hkv, Lk, D, dtype=dtype, device=DEVICE)
@@ -64,14 +66,15 @@ def _run(
         if B > 1:  # a sequence with every key padded out (never the only one: all-zero results prove nothing)
             mask[-1] = False
     if bias_shape is not None:
-        leaves["attn_bias"] = randn(*bias_shape, dtype=dtype, device=DEVICE)
+        leaves["attn_bias"] = randn(*bias_shape, dtype=bias_dtype or dtype, device=DEVICE)
     if rel_pos is not None:
         leaves["table"] = randn(32, Hq, device=DEVICE)
     do = randn(B, Hq, Lq, D, dtype=torch.float64, device=DEVICE)
 
     def call(fn, dt, **extra):
         xs = {
-            n: t.detach().to(t.dtype if n == "table" and dt != torch.float64 else dt).requires_grad_(backward)
+            n: t.detach().to(t.dtype if n in ("table", "attn_bias") and dt != torch.float64 else dt)
+            .requires_grad_(backward)
             for n, t in leaves.items()
         }
         kw = {
@@ -301,12 +304,13 @@ def test_empty_inputs(kernel):
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", AVAILABLE)
 def test_custom_ops_pass_opcheck(kernel):
     """The torch.library registration: schema, fake (meta) implementations, autograd and AOT dispatch."""
     ops = importlib.import_module("fastlm.ops.attention")  # the module; fastlm.ops.attention is the function
-    q = randn(1, 2, 5, 16, device=DEVICE)
-    k, v = randn(1, 1, 7, 16, device=DEVICE), randn(1, 1, 7, 16, device=DEVICE)
+    D, dtype = (32, FP16) if kernel in CUDA_BACKENDS else (16, FP32)
+    q = randn(1, 2, 5, D, dtype=dtype, device=DEVICE)
+    k, v = randn(1, 1, 7, D, dtype=dtype, device=DEVICE), randn(1, 1, 7, D, dtype=dtype, device=DEVICE)
     mask = torch.tensor([[True] * 5 + [False] * 2], device=DEVICE)
     table = randn(8, 2, device=DEVICE)
     bucket = RelativePositionBias(table, True, 16).diagonal_buckets(5, 7).to(torch.int32)
@@ -440,6 +444,15 @@ CUDA_FEATURES = [
     "mqa",
     "causal_gqa",
     "cross_padding",
+    "bias_full",
+    "bias_head",
+    "bias_batch_key",
+    "bias_2d",
+    "rel_pos_encoder",
+    "rel_pos_decoder",
+    "dropout",
+    "padding_rel_pos_dropout",
+    "everything",
 ]
 
 
@@ -486,6 +499,68 @@ def test_cuda_long_gqa_and_deterministic_backward(kernel):
         first = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), do)
         second = torch.autograd.grad(attention(q, k, v, causal=True), (q, k, v), do)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_extras_long_and_deterministic_backward(kernel):
+    """An fp32 bias broadcast over the batch (on bf16 q), T5 decoder relative positions, dropout and GQA
+    over several query blocks and key tiles; every gradient (dbias reduced over the batch, the table's
+    summed over slabs and tiles) is bit-identical on a rerun with the same seed. The rerun is unchecked:
+    checked mode hands the emulated kernels contiguous copies, unchecked they read the expanded bias
+    through its zero batch stride."""
+    case = {"B": 2, "Hq": 4, "Hkv": 2, "Lq": 90, "Lk": 130, "D": 32, "dtype": BF16, "causal": True,
+            "pad": "right", "bias_shape": (1, 4, 90, 130), "bias_dtype": FP32, "rel_pos": False, "dropout_p": 0.15}
+    torch.manual_seed(0)
+    out, grads = _run(kernel, **case)
+    torch.manual_seed(0)
+    with fastlm.emu.checked(False):
+        again, grads_again = _run(kernel, **case)
+    assert set(grads) == {"q", "k", "v", "attn_bias", "table"}
+    assert torch.equal(out, again)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_again[name]), f"d{name} differs between reruns"
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_rel_pos_table_read_through_strides(kernel):
+    """A bf16 table (fp16 q) read through the strides of a transposed view gives exactly what its
+    contiguous copy gives, output and table gradient."""
+    q, k, v = (randn(1, 3, L, 32, dtype=FP16, device=DEVICE) for L in (20, 33, 33))
+    weight = randn(3, 16, dtype=BF16, device=DEVICE)  # (Hq, num_buckets)
+    do = randn(1, 3, 20, 32, dtype=FP16, device=DEVICE)
+
+    def run(table):
+        table = table.detach().requires_grad_()
+        with fastlm.use_backend(kernel):
+            out = attention(q, k, v, rel_pos=RelativePositionBias(table, bidirectional=True, max_distance=20))
+        return out, torch.autograd.grad(out, table, do)[0]
+
+    strided, contiguous = run(weight.t()), run(weight.t().contiguous())  # (num_buckets, Hq), strides (1, 16)
+    assert weight.t().stride() == (1, 16)
+    assert torch.equal(strided[0], contiguous[0]) and torch.equal(strided[1], contiguous[1])
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_dropout_mask_is_the_stream_of_every_backend(kernel):
+    """q = 0 makes the probabilities uniform and v = identity reads the keep-mask back: the CUDA kernels
+    keep exactly dropout_keep_mask's elements, and the triton backend's, for the same torch seed."""
+    B, H, Lq, L, p = 2, 3, 33, 32, 0.3
+    q = torch.zeros(B, H, Lq, L, dtype=FP16, device=DEVICE)
+    k = randn(B, H, L, L, dtype=FP16, device=DEVICE)
+    v = torch.eye(L, dtype=FP16, device=DEVICE).expand(B, H, L, L)  # (B, H, Lk, D=Lk)
+
+    def kept(backend):
+        torch.manual_seed(123)
+        with fastlm.use_backend(backend):
+            return attention(q, k, v, dropout_p=p).float() * L * (1 - p) > 0.5  # (B, H, Lq, Lk)
+
+    mask = kept(kernel)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    assert torch.equal(mask, dropout_keep_mask(seed, (B, H, Lq, L), p, DEVICE))
+    assert 0.2 < 1 - mask.float().mean().item() < 0.4
+    if "triton" in AVAILABLE:
+        assert torch.equal(mask, kept("triton"))
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
@@ -545,9 +620,6 @@ def test_cuda_empty_inputs(kernel):
 CUDA_REFUSED = [
     ("fp32", lambda q, k, v: attention(q.float(), k.float(), v.float()), "torch.float32"),
     ("head dim", lambda q, k, v: attention(q[..., :16], k[..., :16], v[..., :16]), "head dim 16"),
-    ("attn_bias", lambda q, k, v: attention(q, k, v, attn_bias=torch.zeros(7, 9, dtype=FP16)), "attn_bias"),
-    ("rel_pos", lambda q, k, v: attention(q, k, v, rel_pos=RelativePositionBias(torch.zeros(8, 2))), "rel_pos"),
-    ("dropout", lambda q, k, v: attention(q, k, v, dropout_p=0.1), "dropout"),
 ]
 
 
@@ -561,15 +633,28 @@ def test_cuda_refuses_what_it_lacks(kernel, case):
         fn(q, k, v)
 
 
+def _same(q, k, v):
+    return q, k, v
+
+
 GLUE_ERRORS = [
     ("q 3-D", lambda q, k, v: (q[0], k, v), {}, "4-D"),
     ("k/v shapes", lambda q, k, v: (q, k, v[:, :, :5]), {}, "same shape"),
     ("Hq % Hkv", lambda q, k, v: (q, k[:, :1].expand(2, 3, 9, 32), v[:, :1].expand(2, 3, 9, 32)), {}, "multiple"),
     ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, "float16 or bfloat16"),
     ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {}, "head dim 32, 64, 96, 128 or 256"),
-    ("mask", lambda q, k, v: (q, k, v), {"mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
-    ("bias", lambda q, k, v: (q, k, v), {"bias": torch.zeros(2, 2, 7, 9, dtype=FP16)}, "attn_bias"),
-    ("dropout", lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, "dropout"),
+    ("mask", _same, {"mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
+    ("bias shape", _same, {"bias": torch.zeros(2, 2, 7, 8)}, r"attn_bias must be \(B, Hq, Lq, Lk\)"),
+    ("bias dtype", _same, {"bias": torch.zeros(2, 2, 7, 9, dtype=torch.float64)}, "attn_bias must be float32"),
+    ("table shape", _same, {"table": torch.zeros(8, 3), "bucket": torch.zeros(15, dtype=I32)},
+     r"rel_pos table must be \(num_buckets, Hq=2\), got \[8, 3\]"),
+    ("bucket length", _same, {"table": torch.zeros(8, 2), "bucket": torch.zeros(14, dtype=I32)},
+     r"bucket must be a contiguous int32 \(Lq \+ Lk - 1,\) = \(15,\) tensor, got Int \[14\]"),
+    ("bucket range", _same, {"table": torch.zeros(8, 2), "bucket": torch.full((15,), 8, dtype=I32)},
+     r"bucket entries must lie in \[0, num_buckets=8\), got \[8, 8\]"),
+    ("no bucket", _same, {"table": torch.zeros(8, 2)}, "rel_pos needs both table and bucket"),
+    ("dropout_p", _same, {"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)"),
+    ("seed", _same, {"dropout_p": 0.1, "seed": torch.zeros(2, dtype=torch.int64)}, r"seed must be a \(1,\) int64 CPU"),
 ]
 
 
