@@ -11,6 +11,8 @@ Knobs (environment variables):
   FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
   FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default "32;64;96;128;256"
                          (e.g. FASTLM_ATTN_HDIMS=64 for a quick developer build; the others are refused)
+  FASTLM_ATTN_EXTRAS=0   build the CUDA attention kernels without attn_bias / rel_pos / dropout (half the
+                         kernels, for a quick developer build; such calls are refused)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
                          says why the extension is missing)
@@ -61,7 +63,10 @@ def _cuda_sources():
 
 
 def _cuda_defines():
-    return [(f"FASTLM_ATTN_NO_HDIM{d}", None) for d in _attn_dropped_hdims()]
+    defines = [(f"FASTLM_ATTN_NO_HDIM{d}", None) for d in _attn_dropped_hdims()]
+    if _flag("FASTLM_ATTN_EXTRAS") is False:
+        defines.append(("FASTLM_ATTN_NO_EXTRAS", None))
+    return defines
 
 
 def _gencode_flags():

@@ -46,6 +46,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at::Tensor>& bias,
                 const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& bucket,
                 const at::Tensor& seed, double dropout_p, const char* op) {
+  TORCH_CHECK(attention_extras_built() || (!bias.has_value() && !table.has_value() && dropout_p == 0.0), op,
+              ": attn_bias, rel_pos and dropout were left out of this build (FASTLM_ATTN_EXTRAS=0)");
   if (bias.has_value()) {
     FASTLM_CHECK_SAME_DEVICE(op, *bias, "attn_bias", q);
     TORCH_CHECK(bias->sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq, p.Lk}), op,

@@ -24,9 +24,9 @@ def nvcc():
     return str(found)
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_nvcc_compiles_without_spills(source, tmp_path, capsys):
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+def ptxas_report(source, out_dir, archs=ARCHS, defines=()):
+    """nvcc's stderr (the ptxas -v report) for one source compiled for `archs`; fails the test if nvcc does."""
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     cmd = [
         nvcc(),
         "-std=c++20",
@@ -34,17 +34,23 @@ def test_nvcc_compiles_without_spills(source, tmp_path, capsys):
         "--use_fast_math",
         "-I",
         str(ROOT / "csrc"),
+        *[f"-D{d}" for d in defines],
         *gencode,
         "-Xptxas",
         "-v",
         "-c",
         str(source),
         "-o",
-        str(tmp_path / "out.o"),
+        str(out_dir / "out.o"),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    report = result.stderr
-    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{report}"
+    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
+    return result.stderr
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_nvcc_compiles_without_spills(source, tmp_path, capsys):
+    report = ptxas_report(source, tmp_path)
     usage = re.findall(r"Used (\d+) registers", report)
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert usage and frames, f"no ptxas report for {source.name}:\n{report}"
@@ -55,3 +61,13 @@ def test_nvcc_compiles_without_spills(source, tmp_path, capsys):
         )
     bad = [line for line in report.splitlines() if re.search(r"[1-9]\d* bytes (stack frame|spill)", line)]
     assert not bad, f"{source.name}: spills or stack frames:\n" + "\n".join(bad)
+
+
+def test_attention_extras_build_switch(tmp_path):
+    """FASTLM_ATTN_EXTRAS=0 (FASTLM_ATTN_NO_EXTRAS) builds only the plain attention kernels: half of them."""
+    source = ROOT / "csrc" / "cuda" / "attention_fwd_hdim32.cu"
+    kernels = [
+        len(re.findall(r"Compiling entry function", ptxas_report(source, tmp_path, ("80",), defines)))
+        for defines in ((), ("FASTLM_ATTN_NO_EXTRAS",))
+    ]
+    assert kernels[0] > 0 and kernels[1] * 2 == kernels[0], kernels

@@ -88,6 +88,16 @@ constexpr bool attention_head_dim_built(int64_t D) {
   return D == 32 || D == 64 || D == 96 || D == 128 || D == 256;
 }
 
+// Whether this build has the EXTRAS kernels (attn_bias, rel_pos, dropout): setup.py's FASTLM_ATTN_EXTRAS=0
+// drops them for a quick developer build, defining FASTLM_ATTN_NO_EXTRAS (half the attention kernels).
+constexpr bool attention_extras_built() {
+#if defined(FASTLM_ATTN_NO_EXTRAS)
+  return false;
+#else
+  return true;
+#endif
+}
+
 #if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
 // Launchers (attention.cu). Each returns the launch's cudaGetLastError().
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream);

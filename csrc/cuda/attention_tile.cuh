@@ -225,8 +225,9 @@ __device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0,
 template <typename Launch>
 cudaError_t attention_switch(const AttentionParams& p, Launch&& launch) {
   auto by_extras = [&]<typename T, bool CAUSAL>() {
-    return p.has_extras() ? launch.template operator()<T, CAUSAL, true>()
-                          : launch.template operator()<T, CAUSAL, false>();
+    if (!p.has_extras()) return launch.template operator()<T, CAUSAL, false>();
+    if constexpr (attention_extras_built()) return launch.template operator()<T, CAUSAL, true>();
+    return cudaErrorInvalidValue;
   };
   auto by_causal = [&]<typename T>() {
     return p.causal ? by_extras.template operator()<T, true>() : by_extras.template operator()<T, false>();
