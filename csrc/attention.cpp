@@ -70,7 +70,9 @@ void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at:
                     bucket->is_contiguous(),
                 op, ": bucket must be a contiguous int32 (Lq + Lk - 1,) = (", diagonals, ",) tensor, got ",
                 bucket->scalar_type(), " ", bucket->sizes(), " with strides ", bucket->strides());
-    if (diagonals > 0) {
+    // Reading the range back would be a host sync on a GPU: there the kernels clamp out-of-range entries
+    // instead (never an out-of-bounds read), and fastlm.attention only builds in-range buckets.
+    if (diagonals > 0 && bucket->is_cpu()) {
       const auto [lo, hi] = at::aminmax(*bucket);
       TORCH_CHECK(lo.item<int32_t>() >= 0 && hi.item<int32_t>() < table->size(0), op,
                   ": bucket entries must lie in [0, num_buckets=", table->size(0), "), got [", lo.item<int32_t>(),

@@ -130,7 +130,7 @@ __device__ __forceinline__ float load_as_float(const void* ptr, DType dtype, int
 }
 
 // Score extras (EXTRAS kernels) of query i < Lq and key j < Lk of head (b, h), log2 domain:
-// (bias[b, h, i, j] + table[bucket[j - i + Lq - 1], h]) * log2(e).
+// (bias[b, h, i, j] + table[bucket[j - i + Lq - 1], h]) * log2(e), bucket entries clamped to the table.
 __device__ __forceinline__ float score_extras_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
                                                    int64_t j) {
   float extra = 0.f;
@@ -139,7 +139,7 @@ __device__ __forceinline__ float score_extras_log2(const AttentionParams& p, int
                            b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]);
   }
   if (p.table != nullptr) {
-    const int64_t bucket = __ldg(p.bucket + (j - i + p.Lq - 1));
+    const int64_t bucket = min(max(int64_t(__ldg(p.bucket + (j - i + p.Lq - 1))), int64_t(0)), p.num_buckets - 1);
     extra += load_as_float(p.table, p.table_dtype, bucket * p.table_stride[0] + h * p.table_stride[1]);
   }
   return extra * kLog2e;
