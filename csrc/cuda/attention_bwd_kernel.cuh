@@ -228,17 +228,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
 
-  int64_t n_end = p.Lk;
-  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + kQueries + p.Lk - p.Lq));
-  const int n_blocks = int((n_end + kKeyStep - 1) / kKeyStep);
-
+  const int n_blocks = visible_key_tiles<kKeyStep, kQueries, CAUSAL>(p, m0);
   auto load_kv = [&](int n, int buf) {
-    const int64_t j0 = int64_t(n) * kKeyStep;
-    load_tile<kKeyStep, D>(s_k + buf * kKeyStep * kPitchD, k, p.k_stride[2], j0, p.Lk);
-    load_tile<kKeyStep, D>(s_v + buf * kKeyStep * kPitchD, v, p.v_stride[2], j0, p.Lk);
-    for (int j = threadIdx.x; j < kKeyStep; j += kThreads) {
-      s_kbias[buf * kKeyStep + j] = key_kept(p, b, j0 + j) ? 0.f : -INFINITY;
-    }
+    load_kv_tile<kKeyStep, D>(s_k + buf * kKeyStep * kPitchD, s_v + buf * kKeyStep * kPitchD,
+                              s_kbias + buf * kKeyStep, k, v, p, b, int64_t(n) * kKeyStep);
   };
 
   load_tile<kQueries, D>(s_q, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], m0,

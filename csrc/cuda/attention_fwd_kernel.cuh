@@ -36,16 +36,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
 
-  // Keys [0, n_end) can be visible to this block's queries; causal rows see j <= i + Lk - Lq.
-  int64_t n_end = p.Lk;
-  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + kBlockM + p.Lk - p.Lq));
-  const int n_blocks = int((n_end + kBlockN - 1) / kBlockN);
-
+  const int n_blocks = visible_key_tiles<kBlockN, kBlockM, CAUSAL>(p, m0);
   auto load_kv = [&](int n, int buf) {
-    const int64_t n0 = int64_t(n) * kBlockN;
-    load_tile<kBlockN, D>(s_k + buf * kBlockN * kPitchD, k, p.k_stride[2], n0, p.Lk);
-    load_tile<kBlockN, D>(s_v + buf * kBlockN * kPitchD, v, p.v_stride[2], n0, p.Lk);
-    for (int j = threadIdx.x; j < kBlockN; j += kThreads) s_kbias[buf * kBlockN + j] = key_kept(p, b, n0 + j) ? 0.f : -INFINITY;
+    load_kv_tile<kBlockN, D>(s_k + buf * kBlockN * kPitchD, s_v + buf * kBlockN * kPitchD, s_kbias + buf * kBlockN, k,
+                             v, p, b, int64_t(n) * kBlockN);
   };
 
   load_tile<kBlockM, D>(s_q, q, p.q_stride[2], m0, p.Lq);

@@ -200,6 +200,25 @@ __device__ __forceinline__ void apply_keep(const AttentionParams& p, float (&x)[
   }
 }
 
+// Number of ROWS-key tiles that can be visible to queries [m0, m0 + QUERIES): every tile, or with CAUSAL
+// those up to the last query's diagonal (key j is visible to query i iff j <= i + Lk - Lq).
+template <int ROWS, int QUERIES, bool CAUSAL>
+__device__ __forceinline__ int visible_key_tiles(const AttentionParams& p, int64_t m0) {
+  int64_t n_end = p.Lk;
+  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + QUERIES + p.Lk - p.Lq));
+  return int((n_end + ROWS - 1) / ROWS);
+}
+
+// Keys [j0, j0 + ROWS) of batch b: K and V rows into s_k, s_v (cp.async, zeros past Lk) and their key
+// mask as an additive bias into s_kbias (0 attended, -inf padded out or past Lk).
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, float* s_kbias, const T* k, const T* v,
+                                             const AttentionParams& p, int64_t b, int64_t j0) {
+  load_tile<ROWS, D>(s_k, k, p.k_stride[2], j0, p.Lk);
+  load_tile<ROWS, D>(s_v, v, p.v_stride[2], j0, p.Lk);
+  for (int j = threadIdx.x; j < ROWS; j += kThreads) s_kbias[j] = key_kept(p, b, j0 + j) ? 0.f : -INFINITY;
+}
+
 // Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then
 // row g + 8), scaled, stored as T to rows < L of `out` (row stride `stride`).
 template <typename T, int D>
