@@ -36,19 +36,13 @@ constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / cols); }
 
-// Converts n elements between the storage types and fp32 (vectorised by at::vec where it can).
-template <typename Src, typename Dst>
-void convert(const Src* src, Dst* dst, int64_t n) {
-  at::vec::convert(src, dst, n);
-}
-
 // `src` as fp32: itself when it already is, else converted into `buffer`.
 template <typename T>
 const float* as_float(const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    convert(src, buffer, n);
+    at::vec::convert(src, buffer, n);
     return buffer;
   }
 }
@@ -61,7 +55,7 @@ const float* input_row(const NormParams& p, int64_t r, float* buffer) {
   if (p.residual == nullptr) return as_float(x, buffer, n);
   const TS* res = static_cast<const TS*>(p.residual) + r * p.residual_stride;
   for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]) + static_cast<float>(res[i]);
-  if (p.s != nullptr) convert(buffer, static_cast<TS*>(p.s) + r * p.s_stride, n);
+  if (p.s != nullptr) at::vec::convert(buffer, static_cast<TS*>(p.s) + r * p.s_stride, n);
   return buffer;
 }
 
@@ -137,7 +131,7 @@ std::pair<float, float> moments(const float* v, int64_t n, bool rms, float eps) 
 template <typename TW>
 std::vector<float> param_row(const void* param, int64_t n, float fill) {
   std::vector<float> out(n, fill);
-  if (param) convert(static_cast<const TW*>(param), out.data(), n);
+  if (param) at::vec::convert(static_cast<const TW*>(param), out.data(), n);
   return out;
 }
 
@@ -163,7 +157,7 @@ void forward(const NormParams& p) {
         writer.store(i, at::vec::fmadd(h, Vec::loadu(weight.data() + i), Vec::loadu(bias.data() + i)));
       }
       for (; i < n; ++i) dst[i] = (v[i] - mean) * rstd * weight[i] + bias[i];
-      if constexpr (!std::is_same_v<T, float>) convert(out.data(), y, n);
+      if constexpr (!std::is_same_v<T, float>) at::vec::convert(out.data(), y, n);
     }
     RowWriter::fence();
   });
@@ -226,7 +220,7 @@ void backward(const NormParams& p) {
         const float xhat = (s[i] - mean) * rstd;
         dx[i] = (dy[i] * weight[i] - (xhat * c1 + c2)) * rstd + (ds ? ds[i] : 0.f);
       }
-      if constexpr (!std::is_same_v<TS, float>) convert(dx_buf.data(), dx_row, n);
+      if constexpr (!std::is_same_v<TS, float>) at::vec::convert(dx_buf.data(), dx_row, n);
     }
     RowWriter::fence();
   });

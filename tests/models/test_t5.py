@@ -91,6 +91,18 @@ def test_generate_cache_equals_full_forward():
         assert torch.equal(full.argmax(-1), out[:, t])
 
 
+def assert_same_logits(model, hf, src_batch):
+    """fastlm and Hugging Face T5 give the same logits on (src, src_mask, labels), teacher-forced."""
+    src, src_mask, labels = src_batch
+    dec = model.shift_right(labels)
+    torch.testing.assert_close(
+        model(src, src_mask, decoder_input_ids=dec).logits,
+        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
 @pytest.mark.parametrize("preset", ["t5-tiny", "t5-v1_1-small"])
 def test_save_pretrained_round_trips(preset, tmp_path):
     """fastlm -> HF format -> fastlm keeps every tensor; HF reads it (tied v1.0, untied v1.1) to the same logits."""
@@ -103,14 +115,7 @@ def test_save_pretrained_round_trips(preset, tmp_path):
     for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    src, src_mask, labels = batch(3)
-    dec = model.shift_right(labels)
-    torch.testing.assert_close(
-        model(src, src_mask, decoder_input_ids=dec).logits,
-        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    assert_same_logits(model, hf, batch(3))
 
 
 def test_hf_checkpoint_with_its_own_lm_head(tmp_path):
@@ -122,14 +127,7 @@ def test_hf_checkpoint_with_its_own_lm_head(tmp_path):
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
     model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert model.lm_head is not None and not model.config.tie_word_embeddings
-    src, src_mask, labels = batch(5)
-    dec = model.shift_right(labels)
-    torch.testing.assert_close(
-        model(src, src_mask, decoder_input_ids=dec).logits,
-        hf(src, attention_mask=src_mask, decoder_input_ids=dec).logits,
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    assert_same_logits(model, hf, batch(5))
 
 
 def test_bad_inputs_and_checkpoints():
