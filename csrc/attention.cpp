@@ -205,7 +205,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   at::Tensor dtable_partial = at::zeros(
       need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0}, fp32);
   // (B, Hq, slabs, num_buckets) -> (num_buckets, Hq); torch's sum has a fixed order
-  auto dtable = [&] { return need_dtable ? dtable_partial.sum({0, 2}).t().contiguous() : dtable_partial; };
+  auto dtable = [&] { return need_dtable ? dtable_partial.sum(at::IntArrayRef{0, 2}).t().contiguous() : dtable_partial; };
   if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable()};
   at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   at::Tensor lse_log2 = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));

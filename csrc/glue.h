@@ -7,7 +7,7 @@
 #include "cuda/dtype.h"
 
 #if defined(FASTLM_WITH_CUDA) && !defined(FASTLM_EMU)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 #if defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
@@ -43,7 +43,7 @@ inline cudaStream_t current_stream() {
 #if defined(FASTLM_EMU)
   return nullptr;
 #else
-  return at::cuda::getCurrentCUDAStream().stream();
+  return c10::cuda::getCurrentCUDAStream().stream();
 #endif
 }
 
