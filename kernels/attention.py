@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..backends import empty
+from .launch import on_device, tuned
 
 
 @triton.jit
@@ -342,24 +343,38 @@ def _bwd_dq_kernel(
     tl.store(_tile(DQ, b, h, sdqb, sdqh, offs_m, sdqm, offs_d, sdqd), dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-def _config(head_dim, device, backward, has_score_bias):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles under the CPU interpreter, fixed GPU tiles
-    per head dim (no autotuning), chosen so that sm_90 builds spill little or nothing: an additive or
-    T5 bias keeps forward's BLOCK_M at 64 (the bias tile, or the skewed (BLOCK_M, BLOCK_M + BLOCK_N)
-    T5 tile, must fit in registers next to the accumulator)."""
-    if device.type == "cpu":
-        return 16, 16, 1, 1
-    if head_dim > 128:
-        return (32, 32, 8, 1) if backward else (64, 32, 8, 2)
-    if backward:
-        return 64, 64, 8, 2
-    return (64 if has_score_bias else 128), 64, 8, (3 if head_dim <= 64 else 2)
+def _config(q, backward, has_score_bias):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q's head dim and dtype: the tuned configuration of
+    its shape class on a GPU, else fixed tiles per head dim (small ones under the CPU interpreter), chosen
+    so that sm_90 builds spill little or nothing: an additive or T5 bias keeps forward's BLOCK_M at 64
+    (the bias tile, or the skewed (BLOCK_M, BLOCK_M + BLOCK_N) T5 tile, must fit in registers next to
+    the accumulator)."""
+    head_dim = q.shape[-1]
+    if q.device.type == "cpu":
+        default = (16, 16, 1, 1)
+    elif head_dim > 128:
+        default = (32, 32, 8, 1) if backward else (64, 32, 8, 2)
+    elif backward:
+        default = (64, 64, 8, 2)
+    else:
+        default = ((64 if has_score_bias else 128), 64, 8, (3 if head_dim <= 64 else 2))
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    family = "attention_bwd" if backward else "attention_fwd"
+    config = tuned(family, shape_class(q, has_score_bias), q.device, dict(zip(names, default, strict=True)))
+    return tuple(config[name] for name in names)
+
+
+def shape_class(q, has_score_bias):
+    """The tuning table's shape class of attention on q (B, H, L, D): the padded head dim, whether an
+    additive or T5 bias is added to the scores, and the bits of q's dtype (tuned for 16-bit dtypes)."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return f"d{block_d}{'-bias' if has_score_bias else ''}-{8 * q.element_size()}bit"
 
 
 def _flags(q, causal, bias, mask, table, dropout_p, backward):
     """Compile-time flags and launch options shared by the kernels; returns (block_m, block_n, flags)."""
     D = q.shape[-1]
-    block_m, block_n, num_warps, num_stages = _config(D, q.device, backward, bias is not None or table is not None)
+    block_m, block_n, num_warps, num_stages = _config(q, backward, bias is not None or table is not None)
     flags = {
         "HEAD_DIM": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
@@ -406,11 +421,12 @@ def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropo
         return o.zero_(), lse.fill_(float("-inf"))
     block_m, _, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=False)
     ptrs, strides = _extras(q, bias, mask, table, bucket)
-    _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        q, k, v, o, lse, *ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, int(seed.item()) if dropout_p > 0.0 else 0, **flags,
-    )
+    with on_device(q):
+        _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+            q, k, v, o, lse, *ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
+            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, int(seed.item()) if dropout_p > 0.0 else 0, **flags,
+        )
     return o, lse
 
 
@@ -438,27 +454,28 @@ def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, 
     ptrs, strides = _extras(q, bias, mask, table, bucket)
     seed = int(seed.item()) if dropout_p > 0.0 else 0
     delta = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        o, do, delta, *o.stride(), *do.stride(), Hq, Lq,
-        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
-    )
     n_kblocks = triton.cdiv(Lk, block_n)
     dtable = empty((B, Hq, n_kblocks, num_buckets) if need_dtable else (0,), dtype=torch.float32,
                    device=q.device)  # (B, Hq, nK, NB): one partial per dK/dV program and query head
     dummy = q.new_empty(1)
-    _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv,
-        dbias if need_dbias else dummy, dtable if need_dtable else dummy, *ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
-        Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed,
-        WRITE_DBIAS=need_dbias, WRITE_DTABLE=need_dtable,
-        BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **flags,
-    )
-    _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq, *ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-        Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
-    )
+    with on_device(q):
+        _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+            o, do, delta, *o.stride(), *do.stride(), Hq, Lq,
+            HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+        )
+        _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv,
+            dbias if need_dbias else dummy, dtable if need_dtable else dummy, *ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
+            Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed,
+            WRITE_DBIAS=need_dbias, WRITE_DTABLE=need_dtable,
+            BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **flags,
+        )
+        _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
+            q, k, v, do, lse, delta, dq, *ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
+            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
+        )
     if need_dtable:
         dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)
     return dq, dk, dv, dbias, dtable

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ..backends import empty
+from .launch import on_device, tuned
 
-MAX_BLOCK = 4096
+MAX_BLOCK = 4096  # the default tile width (columns per step of a row)
 
 
 @triton.jit
@@ -75,9 +76,17 @@ def ce_fwd(logits, labels, scale, ignore_index, label_smoothing, z_loss, compute
     if rows == 0:
         return loss, lse, dlogits
     block = min(MAX_BLOCK, triton.next_power_of_2(v))
-    _ce_fwd_kernel[(rows,)](
-        logits, labels, scale, loss, lse, dlogits,
-        v, logits.stride(0), dlogits.stride(0) if compute_grad else 0, ignore_index, label_smoothing, z_loss,
-        HAS_GRAD=compute_grad, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-    )  # fmt: skip
+    default = {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
+    config = tuned("ce_fwd", shape_class(v), logits.device, default)
+    with on_device(logits):
+        _ce_fwd_kernel[(rows,)](
+            logits, labels, scale, loss, lse, dlogits,
+            v, logits.stride(0), dlogits.stride(0) if compute_grad else 0, ignore_index, label_smoothing, z_loss,
+            HAS_GRAD=compute_grad, BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        )  # fmt: skip
     return loss, lse, dlogits
+
+
+def shape_class(v):
+    """The tuning table's shape class of rows of v logits."""
+    return f"v{triton.next_power_of_2(v)}"

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from ..backends import empty
+from .launch import on_device, tuned
 
-ELEMENTS_PER_PROGRAM = 4096
+ELEMENTS_PER_PROGRAM = 4096  # the default tile: rows per program such that a program holds this many elements
 
 
 @triton.jit
@@ -100,12 +101,20 @@ def _norm_bwd_kernel(
         tl.store(DB_partial + pid * N + cols, db, mask=col_ok)
 
 
-def _tile(n):
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of width n."""
+def _tile(n, device, backward):
+    """(BLOCK_M, BLOCK_N, num_warps, programs_per_sm) for rows of width n: the tuned configuration of the
+    shape class ``n<BLOCK_N>``, else about ELEMENTS_PER_PROGRAM elements per program and 4 backward
+    programs per multiprocessor."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, ELEMENTS_PER_PROGRAM // block_n)
-    num_warps = min(16, max(1, block_m * block_n // 512))
-    return block_m, block_n, num_warps
+    default = {"BLOCK_M": block_m, "num_warps": min(16, max(1, block_m * block_n // 512)), "programs_per_sm": 4}
+    config = tuned("norm_bwd" if backward else "norm_fwd", shape_class(n), device, default)
+    return config["BLOCK_M"], block_n, config["num_warps"], config["programs_per_sm"]
+
+
+def shape_class(n):
+    """The tuning table's shape class of rows of width n."""
+    return f"n{triton.next_power_of_2(n)}"
 
 
 def norm_fwd(x, weight, bias, residual, eps, rms, store_residual):
@@ -118,20 +127,21 @@ def norm_fwd(x, weight, bias, residual, eps, rms, store_residual):
     rstd = empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, s, mean, rstd
-    block_m, block_n, num_warps = _tile(n)
+    block_m, block_n, num_warps, _ = _tile(n, x.device, backward=False)
     r = x if residual is None else residual
-    _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-        x, r, weight, bias, y, s, mean, rstd,
-        rows, n, x.stride(0), r.stride(0), y.stride(0), s.stride(0) if store_residual else 0, eps,
-        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-        STORE_S=store_residual, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(x):
+        _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            x, r, weight, bias, y, s, mean, rstd,
+            rows, n, x.stride(0), r.stride(0), y.stride(0), s.stride(0) if store_residual else 0, eps,
+            RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
+            STORE_S=store_residual, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
     return y, s, mean, rstd
 
 
-def _backward_programs(device, rows, block_m):
+def _backward_programs(device, rows, block_m, programs_per_sm):
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
     return max(1, min(target, triton.cdiv(rows, block_m)))
@@ -141,19 +151,20 @@ def norm_bwd(dy, ds, s, weight, has_bias, mean, rstd, rms):
     """Launch the backward kernel; see fastlm.ops.norms._norm_bwd for the contract."""
     rows, n = s.shape
     dx = empty((rows, n), dtype=s.dtype, device=s.device)
-    block_m, block_n, num_warps = _tile(n)
-    programs = _backward_programs(s.device, rows, block_m)
+    block_m, block_n, num_warps, programs_per_sm = _tile(n, s.device, backward=True)
+    programs = _backward_programs(s.device, rows, block_m, programs_per_sm)
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
     dw_partial = torch.zeros((programs, n) if weight is not None else (0,), dtype=torch.float32, device=s.device)
     db_partial = torch.zeros((programs, n) if has_bias else (0,), dtype=torch.float32, device=s.device)
     if rows > 0:
-        _norm_bwd_kernel[(programs,)](
-            dy, ds, s, weight, mean, rstd, dx, dw_partial, db_partial,
-            rows, n, dy.stride(0), 0 if ds is None else ds.stride(0), s.stride(0), dx.stride(0),
-            rows_per_program,
-            RMS=rms, HAS_W=weight is not None, HAS_B=has_bias, HAS_DS=ds is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )  # fmt: skip
+        with on_device(s):
+            _norm_bwd_kernel[(programs,)](
+                dy, ds, s, weight, mean, rstd, dx, dw_partial, db_partial,
+                rows, n, dy.stride(0), 0 if ds is None else ds.stride(0), s.stride(0), dx.stride(0),
+                rows_per_program,
+                RMS=rms, HAS_W=weight is not None, HAS_B=has_bias, HAS_DS=ds is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            )  # fmt: skip
     dw = dw_partial.sum(0) if weight is not None else dw_partial
     db = db_partial.sum(0) if has_bias else db_partial
     return dx, dw, db
