@@ -1,8 +1,10 @@
-"""python -m bench [--ops norms,...] [--device cuda|cpu] [--shapes 8192x768,...] [--out DIR] [--quick]"""
+"""python -m bench [--ops norms,...] [--device cuda|cpu] [--shapes 8192x768,...] [--headline] [--out DIR] [--quick]
+                  [--budget-s S] [--rep-ms MS] [--warm-only] [--update-dispatch] [--dispatch-file FILE]"""
 
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,23 +20,69 @@ def parse_args(argv):
     parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default="", help="comma-separated shape labels to keep (e.g. 8192x768)")
+    parser.add_argument(
+        "--headline", action="store_true", help="only each op's HEADLINE shapes in its first dtype (not with --quick)"
+    )
     parser.add_argument("--out", type=Path, default=harness.RESULTS, help="folder for JSON and PNG results")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke test)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement on the CPU")
+    parser.add_argument("--rep-ms", type=float, default=100, help="milliseconds of calls per GPU measurement")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting cases after this many seconds (rest listed)"
+    )
+    parser.add_argument(
+        "--warm-only", action="store_true", help="run every implementation once (fill compile caches), time nothing"
+    )
+    parser.add_argument(
+        "--update-dispatch",
+        action="store_true",
+        help="write the triton/cuda choice per op to the dispatch file (default: full CUDA runs into bench/results)",
+    )
+    parser.add_argument("--dispatch-file", type=Path, default=dispatch.DISPATCH_FILE, help="fastlm/dispatch.json")
     return parser.parse_args(argv)
+
+
+def _keep(module, args):
+    """The `keep(shape, dtype)` filter of --shapes and --headline, or None (keep all)."""
+    shapes = {s.strip() for s in args.shapes.split(",") if s.strip()}
+    headline = getattr(module, "HEADLINE", None) if args.headline and not args.quick else None
+    if not shapes and headline is None:
+        return None
+    first_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+
+    def keep(shape, dtype):
+        if shapes and shape not in shapes:
+            return False
+        return headline is None or (shape in headline and dtype == first_dtype)
+
+    return keep
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from tqdm import tqdm
 
+    start = time.monotonic()
     device = torch.device(args.device)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = sorted(set(ops) - set(SUITES))
     if unknown:
         raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
-    keep = {s.strip() for s in args.shapes.split(",") if s.strip()}
     reps = args.reps or (3 if args.quick else 15)
+
+    def over_budget():
+        return args.budget_s is not None and time.monotonic() - start > args.budget_s
+
+    if args.warm_only:
+        for op in (op for op in ops if op != "models"):
+            module = importlib.import_module(f".bench_{op}", __package__)
+            for case in module.cases(device, quick=args.quick, keep=_keep(module, args)):
+                if over_budget():
+                    return
+                harness.warm_case(case)
+                print(f"warmed {case.op} {case.shape}", flush=True)
+        return
+
     meta = harness.metadata(device)
     print(f"fastlm bench on {meta['device']} ({device.type}), torch {meta['torch']}, commit {meta['git_commit']}")
     ceiling = harness.ceilings(device)
@@ -47,12 +95,18 @@ def main(argv=None):
     for op in ops:
         module = importlib.import_module(f".bench_{op}", __package__)
         if op == "models":
+            if over_budget():
+                print("models: not run (time budget)")
+                continue
             module.run_all(device, args.quick, args.reps or (3 if args.quick else 10), args.out, meta)
             continue
-        cases = [c for c in module.cases(device, quick=args.quick) if not keep or c.shape in keep]
         rows = []
-        for case in tqdm(cases, desc=f"bench {op}", unit="case", file=sys.stderr):
-            rows.extend(harness.run_case(case, device, reps, ceiling))
+        for case in tqdm(module.cases(device, quick=args.quick, keep=_keep(module, args)), desc=f"bench {op}",
+                         unit="case", file=sys.stderr):  # fmt: skip
+            if over_budget():
+                rows.extend(harness.skipped_rows(case, "not run: time budget"))
+                continue
+            rows.extend(harness.run_case(case, device, reps, ceiling, rep_ms=args.rep_ms))
         print()
         harness.print_table(rows)
         json_path = args.out / f"{op}-{slug}.json"
@@ -61,8 +115,10 @@ def main(argv=None):
         harness.plot(png_path, f"fastlm {op} on {meta['device']}", rows)
         print(f"wrote {json_path} and {png_path}")
         written.append(json_path)
-    if device.type == "cuda" and not args.quick and args.out == harness.RESULTS:
-        print(f"dispatch defaults for CUDA tensors: {dispatch.update(written)} (fastlm/dispatch.json)")
+    full_run = device.type == "cuda" and not args.quick and args.out == harness.RESULTS
+    if args.update_dispatch or full_run:
+        chosen = dispatch.update(written, args.dispatch_file)
+        print(f"dispatch defaults for CUDA tensors: {chosen} ({args.dispatch_file})")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ CPU_SHAPES = [
     ("t5-relpos", 4, 4, 128, 128, 64, False, True, True),
 ]
 QUICK_SHAPES = [("t5-relpos", 1, 2, 32, 32, 16, False, True, True)]
+HEADLINE = {
+    "bert-base-pad 32x12x512x512x64",
+    "gpt2-causal 8x12x1024x1024x64",
+    "t5-base-relpos 16x12x512x512x64",
+    "long-causal 2x16x4096x4096x128",
+}
 SDPA_BACKENDS = ("flash_attention", "efficient_attention", "cudnn_attention", "math")
 
 
@@ -200,11 +206,15 @@ def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
             del impls[name]
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, keep=None):
+    """The cases on `device`; `keep(shape, dtype)` selects some (default: all)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     result = []
     for label, B, H, Lq, Lk, D, causal, pad, rel_pos in shapes:
+        shape = f"{label} {B}x{H}x{Lq}x{Lk}x{D}"
+        if keep is not None and not keep(shape, dtype):
+            continue
 
         def inputs(B=B, H=H, Lq=Lq, Lk=Lk, D=D, pad=pad, rel_pos=rel_pos):
             q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, requires_grad=True)
@@ -223,7 +233,7 @@ def cases(device, quick=False):
         result.append(
             Case(
                 op="attention",
-                shape=f"{label} {B}x{H}x{Lq}x{Lk}x{D}",
+                shape=shape,
                 dtype=dtype,
                 inputs=inputs,
                 impls=impls,

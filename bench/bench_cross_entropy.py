@@ -1,8 +1,9 @@
 """Cross-entropy of an LM head: fastlm.linear_cross_entropy against what Hugging Face computes in eager
 mode (logits = hidden @ W^T + b, then F.cross_entropy), the same under torch.compile, and liger-kernel's
-fused linear cross-entropy when installed. Shapes: BERT-base MLM (15% of rows labelled), GPT-2 (every row
-labelled), T5 (V 32128). Work is counted as the eager head's matmul FLOPs (6 N D V for forward+backward),
-so fastlm's throughput is "eager-equivalent": skipping the ignored rows shows up as a higher rate."""
+fused linear cross-entropy and cut-cross-entropy (Apple's CCE kernels) when installed. Shapes: BERT-base
+MLM (15% of rows labelled), GPT-2 (every row labelled), T5 (V 32128). Work is counted as the eager head's
+matmul FLOPs (6 N D V for forward+backward), so fastlm's throughput is "eager-equivalent": skipping the
+ignored rows shows up as a higher rate."""
 
 import importlib.util
 
@@ -26,6 +27,7 @@ CPU_SHAPES = [
     ("t5 1x512", 512, 768, 32128, 1.0, False),
 ]
 QUICK_SHAPES = [("bert-mlm 2x64", 128, 64, 1000, 0.15, True)]
+HEADLINE = {"bert-mlm 64x512", "gpt2 8x1024"}
 
 
 def eager_head(hidden, weight, bias, labels):
@@ -48,24 +50,38 @@ def _ours(backend, capacity):
     return run
 
 
-def _peers(device):
+def _peers(device, has_bias):
+    """Installed peers as name -> fn(hidden, weight, bias, labels), and absent peers as name -> why."""
     if device.type != "cuda":
-        return {}, {"liger-kernel": "GPU only"}
+        return {}, {"liger-kernel": "GPU only", "cut-cross-entropy": "GPU only"}
+    impls, absent = {}, {}
     if importlib.util.find_spec("liger_kernel") is None:
-        return {}, {"liger-kernel": "not installed"}
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        absent["liger-kernel"] = "not installed"
+    else:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-    return {"liger-kernel": lambda h, w, b, y: LigerFusedLinearCrossEntropyFunction.apply(h, w, y, b)[0]}, {}
+        impls["liger-kernel"] = lambda h, w, b, y: LigerFusedLinearCrossEntropyFunction.apply(h, w, y, b)[0]
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        absent["cut-cross-entropy"] = "not installed"
+    elif has_bias:
+        absent["cut-cross-entropy"] = "takes no decoder bias"
+    else:
+        from cut_cross_entropy import linear_cross_entropy as cce  # its defaults: the "cce" kernels
+
+        impls["cut-cross-entropy"] = lambda h, w, b, y: cce(h, w, y)
+    return impls, absent
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, keep=None):
+    """The cases on `device`; `keep(shape, dtype)` selects some (default: all)."""
     dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32]
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     compiled = torch.compile(eager_head, dynamic=False)
-    peers, absent = _peers(device)
     result = []
     for label, n, d, v, labelled, has_bias in shapes:
         for dtype in dtypes:
+            if keep is not None and not keep(label, dtype):
+                continue
 
             def inputs(n=n, d=d, v=v, labelled=labelled, has_bias=has_bias, dtype=dtype):
                 generator = torch.Generator(device=device).manual_seed(0)
@@ -81,6 +97,7 @@ def cases(device, quick=False):
             sync_free = device.type == "cuda" and labelled < 1
             capacity = int(n * min(1.0, labelled * 4 / 3)) if sync_free else None
             ours = {f"fastlm {be}": _ours(be, capacity) for be in _fastlm_backends(device)}
+            peers, absent = _peers(device, has_bias)
             flops = 2 * n * d * v
             result.append(
                 Case(

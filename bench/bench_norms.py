@@ -13,6 +13,7 @@ from .harness import Case
 GPU_SHAPES = [(32768, 768), (32768, 1024), (16384, 4096), (8192, 8192)]
 CPU_SHAPES = [(8192, 768), (8192, 1024), (2048, 4096), (1024, 8192)]
 QUICK_SHAPES = [(256, 768)]
+HEADLINE = {"32768x768", "16384x4096"}  # BERT-base's 64x512 tokens; a 4096-wide (Llama-7B-like) model
 
 
 def t5_layer_norm(x, weight, eps=1e-6):
@@ -65,7 +66,8 @@ def _peers(device, rms):
     return impls, absent
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, keep=None):
+    """The cases on `device`; `keep(shape, dtype)` selects some (default: all)."""
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     result = []
@@ -73,6 +75,8 @@ def cases(device, quick=False):
         op = "rms_norm" if rms else "layer_norm"
         for dtype in dtypes:
             for rows, n in shapes:
+                if keep is not None and not keep(f"{rows}x{n}", dtype):
+                    continue
 
                 def inputs(rows=rows, n=n, dtype=dtype):
                     x = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)

@@ -61,14 +61,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, reps, budget_s=2.0):
-    """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench, which flushes
-    L2 between calls; on the CPU: wall clock of up to `reps` calls after a warm-up call, fewer (at
-    least 3) when one call takes long enough that `reps` would exceed `budget_s`."""
+def time_ms(fn, device, reps, budget_s=2.0, rep_ms=100):
+    """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench over about
+    `rep_ms` milliseconds of calls, flushing L2 between calls; on the CPU: wall clock of up to `reps`
+    calls after a warm-up call, fewer (at least 3) when one call takes long enough that `reps` would
+    exceed `budget_s`."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=100)
+        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms)
         return median, p20, p80
     start = time.perf_counter()
     fn()
@@ -168,7 +169,24 @@ def _clear_grads(tensors):
             t.grad = None
 
 
-def run_case(case, device, reps, ceiling):
+def warm_case(case):
+    """Run every implementation of `case` forward and backward once: compiles what it compiles (torch.compile,
+    FlexAttention, Triton) into the on-disk caches, so that a later timed run in another process starts warm."""
+    tensors = case.inputs()
+    for fn in case.impls.values():
+        _clear_grads(tensors)
+        out = fn(*tensors)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.randn_like(out))
+
+
+def skipped_rows(case, why):
+    """One row per implementation of `case` that was not run, saying why."""
+    dtype = str(case.dtype).replace("torch.", "")
+    return [Row(case.op, case.shape, dtype, name, "fwd+bwd", None, None, None, note=why) for name in case.impls]
+
+
+def run_case(case, device, reps, ceiling, rep_ms=100):
     """All rows (impl × mode) of one case."""
     rows = []
     tensors = case.inputs()
@@ -200,7 +218,7 @@ def run_case(case, device, reps, ceiling):
     for name, (fn, grad) in outputs.items():
         fns = modes(fn, grad)
         for mode in MODES:
-            median, p20, p80 = time_ms(fns[mode], device, reps)
+            median, p20, p80 = time_ms(fns[mode], device, reps, rep_ms=rep_ms)
             throughput = case.work[mode] / median / 1e6 if case.unit == "GB/s" else case.work[mode] / median / 1e9
             ceiling_value = ceiling["copy_gbps"] if case.unit == "GB/s" else ceiling["matmul_tflops"]
             rows.append(
