@@ -65,8 +65,24 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", fastlm.available_backends(device_under_test()))
 
 
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def _runs_a_gpu_backend(item):
+    """Whether a parametrised test runs one of the backends that execute on a GPU (a parameter value
+    "triton" or "cuda", whatever the parameter's name: backend, kernel, ...)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(value, str) and value in GPU_BACKENDS for value in params.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers added here take part in the selection
 def pytest_collection_modifyitems(config, items):
+    """On a CUDA machine, every test of a GPU backend is marked `gpu`, so that `pytest -m gpu` runs every
+    kernel of every backend that runs on a GPU; elsewhere `gpu` tests are skipped."""
     if torch.cuda.is_available():
+        for item in items:
+            if _runs_a_gpu_backend(item):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
