@@ -7,6 +7,7 @@ on the CPU. Under torchrun each rank takes its slice of the same global batch, s
 one process with batch N * B.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -109,6 +110,13 @@ class _Dist:
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def micro_step(self, trained, last):
+        """The context of one gradient-accumulation micro-step: DDP all-reduces gradients only on the last
+        one (``no_sync`` on the others keeps their gradients local, to be summed into the last one's)."""
+        if self.on and not last:
+            return trained.no_sync()
+        return contextlib.nullcontext()
 
     def mean(self, value):
         if not self.on:
@@ -248,9 +256,10 @@ def pretrain(config):
         for m in range(accum):
             lo = (m * world + ddp.rank) * B
             micro = {k: v[lo : lo + B] for k, v in batch.items()}
-            with autocast:
-                loss = trained(**micro).loss / accum
-            loss.backward()
+            with ddp.micro_step(trained, last=m == accum - 1):
+                with autocast:
+                    loss = trained(**micro).loss / accum
+                loss.backward()
             total += float(loss.detach())
         if config.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
