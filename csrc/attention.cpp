@@ -109,20 +109,20 @@ void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
 }
 
-void run_fwd(const AttentionParams& p, const at::Tensor& q) {
+void run_fwd(const AttentionParams& p, const at::Tensor& q, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(q)) {
-    check_launch(launch_attention_fwd(p, current_stream()), "attention forward kernel launch");
+    device.launch(launch_attention_fwd, p, "attention forward kernel launch");
     return;
   }
 #endif
   TORCH_CHECK(false, kFwd, ": this build of fastlm has no attention kernels for ", q.device());
 }
 
-void run_bwd(const AttentionParams& p, const at::Tensor& q) {
+void run_bwd(const AttentionParams& p, const at::Tensor& q, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(q)) {
-    check_launch(launch_attention_bwd(p, current_stream()), "attention backward kernel launch");
+    device.launch(launch_attention_bwd, p, "attention backward kernel launch");
     return;
   }
 #endif
@@ -156,6 +156,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
                                       const c10::optional<at::Tensor>& table,
                                       const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
                                       double scale, double dropout_p) {
+  const KernelDevice device(q_in);
   check_qkv(kFwd, q_in, k_in, v_in);
   const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kFwd);
@@ -167,7 +168,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
   set_strides(p.o_stride, o);
-  run_fwd(p, q);
+  run_fwd(p, q, device);
   return {o, lse};
 }
 
@@ -177,6 +178,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
                                       const c10::optional<at::Tensor>& table,
                                       const c10::optional<at::Tensor>& bucket, const at::Tensor& seed, bool causal,
                                       double scale, double dropout_p, bool need_dbias, bool need_dtable) {
+  const KernelDevice device(q_in);
   check_qkv(kBwd, q_in, k_in, v_in);
   TORCH_CHECK(bias.has_value() || !need_dbias, kBwd, ": need_dbias without attn_bias");
   TORCH_CHECK(table.has_value() || !need_dtable, kBwd, ": need_dtable without a rel_pos table");
@@ -224,7 +226,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   set_strides(p.dv_stride, dv);
   if (need_dbias) p.dbias = dbias.data_ptr<float>();
   if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
-  run_bwd(p, q);
+  run_bwd(p, q, device);
   return {dq, dk, dv, dbias, dtable()};
 }
 

@@ -10,10 +10,10 @@ namespace {
 
 constexpr const char* kFwd = "cross_entropy_fwd";
 
-void run_fwd(const CrossEntropyParams& p, const at::Tensor& logits) {
+void run_fwd(const CrossEntropyParams& p, const at::Tensor& logits, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(logits)) {
-    check_launch(launch_cross_entropy_fwd(p, current_stream()), "cross-entropy kernel launch");
+    device.launch(launch_cross_entropy_fwd, p, "cross-entropy kernel launch");
     return;
   }
 #endif
@@ -28,6 +28,7 @@ void run_fwd(const CrossEntropyParams& p, const at::Tensor& logits) {
 std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& labels,
                                           const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
                                           double z_loss, bool compute_grad) {
+  const KernelDevice device(logits);
   FASTLM_CHECK_2D_ROWS(kFwd, logits, "logits");
   const int64_t rows = logits.size(0);
   TORCH_CHECK(logits.size(1) > 0, kFwd, ": logits need at least one class, got sizes ", logits.sizes());
@@ -63,7 +64,7 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   p.lse = lse.data_ptr<float>();
   p.dlogits = compute_grad ? dlogits.data_ptr() : nullptr;
   p.dlogits_stride = compute_grad ? dlogits.stride(0) : 0;
-  if (rows > 0) run_fwd(p, logits);
+  if (rows > 0) run_fwd(p, logits, device);
   return {loss, lse, dlogits};
 }
 

@@ -7,8 +7,9 @@
 #include "cuda/dtype.h"
 
 #if defined(FASTLM_WITH_CUDA) && !defined(FASTLM_EMU)
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define FASTLM_CUDA_DEVICE 1  // the kernels run on real CUDA devices (not the emulator)
 #endif
 #if defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
 #include "cuda/runtime.h"
@@ -38,21 +39,48 @@ inline bool on_kernel_device(const at::Tensor& t) {
 #endif
 }
 
+// Where one glue call's kernels run: the device of its first input, entered for the whole call. Built
+// before any output is allocated, it makes a CUDA tensor's device the current one until the call returns
+// (so a tensor on cuda:1 is served on cuda:1 whatever the caller's current device), and `launch` runs a
+// csrc/cuda launcher on that device's current stream, the one torch.cuda.stream(...) selects, so the
+// kernel is ordered with the caller's work there. A CPU tensor enters nothing: the cpu kernels and the
+// emulator (whose "device" is the CPU) run as before, and the emulator build has no CUDA guard at all.
+class KernelDevice {
+ public:
+  explicit KernelDevice(const at::Tensor& t)
+      : index_(t.is_cuda() ? t.get_device() : 0)
+#if defined(FASTLM_CUDA_DEVICE)
+        ,
+        guard_(t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt)
+#endif
+  {
+  }
+
+  c10::DeviceIndex index() const { return index_; }  // the CUDA device's index (0 for a CPU tensor)
+
 #if defined(FASTLM_HAS_CUDA_KERNELS)
-inline cudaStream_t current_stream() {
-#if defined(FASTLM_EMU)
-  return nullptr;
+  cudaStream_t stream() const {
+#if defined(FASTLM_CUDA_DEVICE)
+    return c10::cuda::getCurrentCUDAStream(index_).stream();
 #else
-  return c10::cuda::getCurrentCUDAStream().stream();
+    return nullptr;  // the emulator's default stream
 #endif
-}
+  }
 
-inline void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(err));
-}
-
-inline int device_index(const at::Tensor& t) { return t.is_cuda() ? t.get_device() : 0; }
+  // launcher(p, stream()) for a csrc/cuda launcher, its error turned into a TORCH_CHECK failure.
+  template <class Params>
+  void launch(cudaError_t (*launcher)(const Params&, cudaStream_t), const Params& p, const char* what) const {
+    const cudaError_t err = launcher(p, stream());
+    TORCH_CHECK(err == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(err));
+  }
 #endif
+
+ private:
+  c10::DeviceIndex index_;
+#if defined(FASTLM_CUDA_DEVICE)
+  c10::cuda::OptionalCUDAGuard guard_;
+#endif
+};
 
 }  // namespace fastlm
 

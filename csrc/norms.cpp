@@ -21,10 +21,10 @@ at::Tensor weight_like(const at::Tensor& w, const at::Tensor& x, const char* op,
   return out.contiguous();
 }
 
-void run_fwd(const NormParams& p, const at::Tensor& x) {
+void run_fwd(const NormParams& p, const at::Tensor& x, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(x)) {
-    check_launch(launch_norm_fwd(p, current_stream()), "norm forward kernel launch");
+    device.launch(launch_norm_fwd, p, "norm forward kernel launch");
     return;
   }
 #endif
@@ -36,10 +36,10 @@ void run_fwd(const NormParams& p, const at::Tensor& x) {
 #endif
 }
 
-void run_bwd(const NormParams& p, const at::Tensor& s) {
+void run_bwd(const NormParams& p, const at::Tensor& s, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(s)) {
-    check_launch(launch_norm_bwd(p, current_stream()), "norm backward kernel launch");
+    device.launch(launch_norm_bwd, p, "norm backward kernel launch");
     return;
   }
 #endif
@@ -51,9 +51,9 @@ void run_bwd(const NormParams& p, const at::Tensor& s) {
 #endif
 }
 
-int64_t bwd_partials(const at::Tensor& s) {
+int64_t bwd_partials(const at::Tensor& s, const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(s)) return norm_bwd_partials(s.size(0), s.size(1), device_index(s));
+  if (on_kernel_device(s)) return norm_bwd_partials(s.size(0), s.size(1), device.index());
 #endif
 #if defined(FASTLM_EMU)
   return 1;
@@ -66,6 +66,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
                                  const c10::optional<at::Tensor>& bias,
                                  const c10::optional<at::Tensor>& residual, double eps, bool rms,
                                  bool store_residual) {
+  const KernelDevice device(x);
   FASTLM_CHECK_2D_ROWS(kFwd, x, "x");
   TORCH_CHECK(!rms || !bias.has_value(), kFwd, ": RMSNorm takes no bias");
   NormParams p;
@@ -119,7 +120,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
   p.s_stride = store_residual ? s.stride(0) : 0;
   p.mean = rms ? nullptr : mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
-  if (p.rows > 0) run_fwd(p, x);
+  if (p.rows > 0) run_fwd(p, x, device);
   return {y, s, mean, rstd};
 }
 
@@ -127,6 +128,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
                                  const at::Tensor& s, const c10::optional<at::Tensor>& weight,
                                  bool has_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                  bool rms) {
+  const KernelDevice device(s);
   FASTLM_CHECK_2D_ROWS(kBwd, s, "s");
   FASTLM_CHECK_2D_ROWS(kBwd, dy, "dy");
   TORCH_CHECK(dy.sizes() == s.sizes(), kBwd, ": dy must have shape ", s.sizes(), ", got ", dy.sizes());
@@ -169,13 +171,13 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
   at::Tensor dx = new_output({p.rows, p.cols}, s.options());
   p.dx = dx.data_ptr();
   p.dx_stride = dx.stride(0);
-  p.partials = bwd_partials(s);
+  p.partials = bwd_partials(s, device);
   auto f32 = s.options().dtype(at::kFloat);
   at::Tensor dw_partial = at::zeros({w.defined() ? p.partials : 0, p.cols}, f32);
   at::Tensor db_partial = at::zeros({has_bias ? p.partials : 0, p.cols}, f32);
   p.dweight_partial = w.defined() ? dw_partial.data_ptr<float>() : nullptr;
   p.dbias_partial = has_bias ? db_partial.data_ptr<float>() : nullptr;
-  if (p.rows > 0) run_bwd(p, s);
+  if (p.rows > 0) run_bwd(p, s, device);
   at::Tensor dw = w.defined() ? dw_partial.sum(0) : at::empty({0}, f32);
   at::Tensor db = has_bias ? db_partial.sum(0) : at::empty({0}, f32);
   return {dx, dw, db};

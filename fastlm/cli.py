@@ -27,7 +27,7 @@ _PRETRAIN_HELP = {
     "save_every": "checkpoint every this many steps (default: --eval-every)",
     "keep": "checkpoints kept",
     "resume": "continue from the newest checkpoint in OUT/checkpoints",
-    "device": "cpu, cuda, cuda:1 ... (default: cuda when there is one)",
+    "device": "cpu, cuda, cuda:1 ... (default: cuda when there is one; under torchrun, cuda is LOCAL_RANK's GPU)",
     "progress": "show the progress bar",
 }
 

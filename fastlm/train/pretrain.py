@@ -7,6 +7,7 @@ on the CPU. Under torchrun each rank takes its slice of the same global batch, s
 one process with batch N * B.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -84,19 +85,43 @@ def _step_generator(device, seed, step, salt):
 
 
 class _Dist:
-    """torchrun's environment: rank, world size and the process group (gloo on the CPU, nccl on GPUs)."""
+    """torchrun's environment: rank, world size and the process group (gloo on the CPU, nccl on GPUs).
+
+    On a GPU the rank's device (``device``, LOCAL_RANK's by default) becomes the current CUDA device before the
+    process group starts, and NCCL is told that device, so that no rank creates contexts or launches on cuda:0.
+    """
 
     def __init__(self, device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.on = self.world > 1
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device.index)
         if self.on and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                dist.init_process_group("nccl", device_id=device)  # every supported torch (>= 2.11) takes device_id
+            else:
+                dist.init_process_group("gloo")
+
+    def wrap(self, model):
+        """``model`` under DistributedDataParallel when there are several ranks, else ``model`` itself."""
+        if not self.on:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def micro_step(self, trained, last):
+        """The context of one gradient-accumulation micro-step: DDP all-reduces gradients only on the last
+        one (``no_sync`` on the others keeps their gradients local, to be summed into the last one's)."""
+        if self.on and not last:
+            return trained.no_sync()
+        return contextlib.nullcontext()
 
     def mean(self, value):
         if not self.on:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return float(t) / self.world
 
@@ -106,10 +131,14 @@ class _Dist:
 
 
 def _device(config):
+    """--device, else LOCAL_RANK's GPU (torchrun starts one process per GPU), else the CPU. A bare "cuda" also
+    means LOCAL_RANK's GPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if config.device:
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -202,7 +231,7 @@ def pretrain(config):
             raise ValueError(f"checkpoint {path!r} does not fit the model: {e}") from None
         scheduler.load_state_dict(state["scheduler"])
         history, start = state["history"], state["step"]
-    trained = torch.nn.parallel.DistributedDataParallel(model) if ddp.on else model
+    trained = ddp.wrap(model)
 
     save_every = config.save_every or config.eval_every
     B, world, accum = config.batch_size, ddp.world, config.grad_accum
@@ -227,9 +256,10 @@ def pretrain(config):
         for m in range(accum):
             lo = (m * world + ddp.rank) * B
             micro = {k: v[lo : lo + B] for k, v in batch.items()}
-            with autocast:
-                loss = trained(**micro).loss / accum
-            loss.backward()
+            with ddp.micro_step(trained, last=m == accum - 1):
+                with autocast:
+                    loss = trained(**micro).loss / accum
+                loss.backward()
             total += float(loss.detach())
         if config.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
