@@ -5,19 +5,37 @@ PyTorch at the input dtype (the baseline); the kernel passes when its error agai
 most `factor` times the baseline's error (2 for outputs, 3 for gradients) plus a tiny floor.
 """
 
+import os
+
 import torch
 
 from .backends import poisoned_outputs
 
-__all__ = ["assert_close_to_reference", "poisoned_outputs", "randn"]
+__all__ = ["assert_close_to_reference", "default_device", "poisoned_outputs", "randn"]
 
 FLOOR = 1e-5  # relative to max(1, |oracle|): covers fp32 rounding where the baseline is exact
 
 
+def default_device():
+    """The device tests run their kernels on: "cuda" when a GPU is present, else "cpu" (where Triton runs
+    under its interpreter and the CUDA C++ kernels under the host emulator)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0, requires_grad=False):
-    """Fresh normal samples in `dtype` (drawn in fp32), optionally requiring grad."""
-    x = torch.randn(*shape, generator=generator, device=device) * scale
+    """Fresh normal samples in `dtype` (drawn in fp32) on `device`, optionally requiring grad. A
+    `generator` draws on its own device (a plain torch.Generator() is a CPU one); the samples then move."""
+    where = device if generator is None else generator.device
+    x = torch.randn(*shape, generator=generator, device=where).to(device) * scale
     return x.to(dtype).requires_grad_(requires_grad)
+
+
+def _tf32_matmuls():
+    """Whether CUDA fp32 matmuls may use TF32. torch's new precision setting also reflects the legacy ones
+    (allow_tf32, set_float32_matmul_precision) and, unlike their getters, reads fine when both were used."""
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1":
+        return True
+    return getattr(torch.backends.cuda.matmul, "fp32_precision", "none") == "tf32"
 
 
 def assert_close_to_reference(actual, oracle, baseline, *, factor=2.0, name="output"):
@@ -32,6 +50,11 @@ def assert_close_to_reference(actual, oracle, baseline, *, factor=2.0, name="out
         assert actual is None and oracle is None, f"{name}: one of actual / oracle is None"
         return
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
+    # With TF32 matmuls an fp32 baseline errs ~1e-3 and the bound would pass almost anything.
+    assert not (baseline.is_cuda and _tf32_matmuls()), (
+        f"{name}: CUDA fp32 matmuls run in TF32 (torch.backends.cuda.matmul.fp32_precision); "
+        "the fp32 baseline must be computed in IEEE fp32"
+    )
     actual, oracle, baseline = (t.detach().double().cpu() for t in (actual, oracle, baseline))
     nan = torch.isnan(oracle)
     assert torch.equal(torch.isnan(actual), nan), (

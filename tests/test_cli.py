@@ -19,6 +19,13 @@ def test_info_lists_every_backend(capsys):
     assert "torch" in out
 
 
+@pytest.mark.gpu
+def test_gpu_has_every_gpu_backend():
+    """On a GPU both kernel families run: without this, a build that lost its CUDA kernels would only
+    empty the tests' parametrisations over them (skipped, not failed)."""
+    assert fastlm.available_backends("cuda") == ["triton", "cuda", "reference"], fastlm.info()
+
+
 @pytest.mark.skipif(fastlm._ext.C is None, reason="fastlm._C not built")
 def test_cpu_kernels_use_every_torch_thread():
     """The CPU kernels run at::parallel_for on torch's OpenMP threads (an extension compiled without

@@ -217,15 +217,16 @@ def test_llama_gqa_rms_norm_and_generate():
 
 
 @pytest.mark.parametrize("forced", [None, "triton", "reference"], ids=["default-dispatch", "triton", "reference"])
-def test_one_layer_bert_per_backend(forced):
-    """Default dispatch on CPU tensors runs the cpu kernels where they exist; triton (under the interpreter
-    on CPU) has every op, so it can be forced for the whole model."""
-    if forced is not None and forced not in fastlm.available_backends("cpu"):
+def test_one_layer_bert_per_backend(forced, device):
+    """Default dispatch runs the cpu kernels where they exist on CPU tensors, triton or cuda on CUDA tensors;
+    triton (under the interpreter on CPU) has every op, so it can be forced for the whole model."""
+    if forced is not None and forced not in fastlm.available_backends(device):
         pytest.skip(f"{forced} unavailable here")
-    model = build(transformers.BertForMaskedLM, bert_config(layers=1))
+    model = build(transformers.BertForMaskedLM, bert_config(layers=1)).to(device)
     patched = patched_copy(model)
     ids, mask = padded_batch((6, 4))
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": mlm_labels(ids, mask)}
+    inputs = {name: t.to(device) for name, t in inputs.items()}
     before = calls.copy()
     if forced is None:
         assert_same(patched, model, inputs, train=False)
@@ -235,6 +236,8 @@ def test_one_layer_bert_per_backend(forced):
     ran = {backend for (op, backend), n in calls.items() if n > before[(op, backend)]}
     if forced is not None:
         assert ran == {forced}
+    elif device == "cuda":
+        assert ran & {"triton", "cuda"} and not ran & {"cpu", "cuda_emu"}, ran
     elif "cpu" in fastlm.available_backends("cpu"):
         assert "cpu" in ran
 

@@ -10,10 +10,15 @@ import fastlm
 from fastlm.testing import assert_close_to_reference
 
 
-def hf_pair(hf_model):
-    """(fp32, fp64) copies of an HF model, in eval mode."""
-    hf_model = hf_model.eval()
+def hf_pair(hf_model, device="cpu"):
+    """(fp32, fp64) copies of an HF model on `device`, in eval mode."""
+    hf_model = hf_model.to(device).eval()
     return hf_model, copy.deepcopy(hf_model).double()
+
+
+def on_device(tensors, device):
+    """The tensors of a test batch moved to `device`, as a tuple."""
+    return tuple(t.to(device) for t in tensors)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from fastlm.models import (  # noqa: E402
     BertModel,
 )
 
-from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend  # noqa: E402
+from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend, on_device  # noqa: E402
 
 V, B, L = 61, 3, 9
 LENGTHS = (9, 6, 4)  # right padding
@@ -53,12 +53,12 @@ def load(cls, hf_model, tmp_path):
     return cls.from_pretrained(tmp_path).eval()
 
 
-def test_pretraining_matches_hf(backend, tmp_path):
+def test_pretraining_matches_hf(backend, device, tmp_path):
     """Logits, MLM + NSP loss and every parameter gradient, with padding, on every backend (1 layer)."""
     torch.manual_seed(0)
-    hf32, hf64 = hf_pair(transformers.BertForPreTraining(hf_config(layers=1)))
-    model = load(BertForPreTraining, hf32, tmp_path)
-    ids, mask, types, labels, nsp = batch()
+    hf32, hf64 = hf_pair(transformers.BertForPreTraining(hf_config(layers=1)), device)
+    model = load(BertForPreTraining, hf32, tmp_path).to(device)
+    ids, mask, types, labels, nsp = on_device(batch(), device)
     with on_backend(backend):
         out = model(ids, mask, types)
         loss = model(ids, mask, types, labels=labels, next_sentence_label=nsp).loss

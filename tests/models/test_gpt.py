@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from fastlm.models import GPTConfig, GPTLMHeadModel  # noqa: E402
 from fastlm.models.gpt import _CONV1D  # noqa: E402
 
-from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend  # noqa: E402
+from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend, on_device  # noqa: E402
 
 V, B, L = 67, 3, 10
 LENGTHS = (10, 7, 4)
@@ -48,13 +48,13 @@ def from_hf_layout(name, grad):
     return name, grad.t() if name.endswith(_CONV1D) else grad
 
 
-def test_lm_matches_hf(backend, tmp_path):
+def test_lm_matches_hf(backend, device, tmp_path):
     """Logits, loss and every parameter gradient, right padding, on every backend (1 layer)."""
     torch.manual_seed(0)
-    hf32, hf64 = hf_pair(transformers.GPT2LMHeadModel(hf_config(layers=1)))
+    hf32, hf64 = hf_pair(transformers.GPT2LMHeadModel(hf_config(layers=1)), device)
     hf32.save_pretrained(tmp_path)
-    model = GPTLMHeadModel.from_pretrained(tmp_path).eval()
-    ids, mask, labels = padded_batch()
+    model = GPTLMHeadModel.from_pretrained(tmp_path).to(device).eval()
+    ids, mask, labels = on_device(padded_batch(), device)
     with on_backend(backend):
         logits = model(ids, mask).logits
         loss = model(ids, mask, labels=labels).loss

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from fastlm.models import T5Config, T5ForConditionalGeneration  # noqa: E402
 
-from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend  # noqa: E402
+from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend, on_device  # noqa: E402
 
 V, B, LS, LT = 53, 3, 9, 7
 SOURCE_LENGTHS, TARGET_LENGTHS = (9, 6, 3), (7, 5, 2)
@@ -45,15 +45,15 @@ def batch(seed=0):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_matches_hf(version, backend, tmp_path):
+def test_matches_hf(version, backend, device, tmp_path):
     """Logits, loss and every parameter gradient with padded sources and targets, on every backend
     (1 layer; the reference backend also with 2 layers, where layer 1 reuses layer 0's position table)."""
     layers = 2 if backend == "reference" else 1
     torch.manual_seed(0)
-    hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config(version, layers)))
+    hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config(version, layers)), device)
     hf32.save_pretrained(tmp_path)
-    model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
-    src, src_mask, labels = batch()
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path).to(device).eval()
+    src, src_mask, labels = on_device(batch(), device)
     decoder_input_ids = model.shift_right(labels)
     with on_backend(backend):
         logits = model(src, src_mask, decoder_input_ids=decoder_input_ids).logits

@@ -3,17 +3,29 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastlm
 from fastlm.nn import MultiHeadAttention
 from fastlm.ops.attention import CUDA_BACKENDS, IMPLEMENTED, RelativePositionBias, attention_reference
+from fastlm.testing import default_device
 
+DEVICE = default_device()
 # fp32 modules with gradients and T5 bias: more than the CUDA kernels implement (tests/ops/test_attention.py)
-BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends("cpu") and name not in CUDA_BACKENDS]
+BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends(DEVICE) and name not in CUDA_BACKENDS]
+
+
+class _TorchMHA(nn.MultiheadAttention):
+    """torch's module as the reference, its attention on SDPA's plain fp32 math backend on every device (a
+    GPU would otherwise take a fused kernel with its own rounding)."""
+
+    def forward(self, *args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().forward(*args, **kwargs)
 
 
 def _torch_mha(module):
-    ref = nn.MultiheadAttention(module.embed_dim, module.num_heads, batch_first=True)
+    ref = _TorchMHA(module.embed_dim, module.num_heads, batch_first=True, device=DEVICE)
     ref.load_state_dict(module.state_dict())
     return ref
 
@@ -21,9 +33,9 @@ def _torch_mha(module):
 @pytest.mark.parametrize("kernel", BACKENDS)
 def test_self_attention_matches_torch_mha_with_padding(kernel):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(64, 4)
-    x = torch.randn(2, 19, 64, requires_grad=True)
-    mask = torch.ones(2, 19, dtype=torch.bool)
+    mha = MultiHeadAttention(64, 4).to(DEVICE)
+    x = torch.randn(2, 19, 64, device=DEVICE, requires_grad=True)
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
     mask[1, 11:] = False
     with fastlm.use_backend(kernel):
         out = mha(x, key_padding_mask=mask)
@@ -37,13 +49,13 @@ def test_self_attention_matches_torch_mha_with_padding(kernel):
 @pytest.mark.parametrize("kernel", BACKENDS)
 def test_causal_and_cross_attention_match_torch_mha(kernel):
     torch.manual_seed(0)
-    x, memory = torch.randn(2, 17, 32), torch.randn(2, 23, 32)
-    causal = MultiHeadAttention(32, 2, causal=True)
-    future = torch.ones(17, 17, dtype=torch.bool).triu(1)
+    x, memory = torch.randn(2, 17, 32, device=DEVICE), torch.randn(2, 23, 32, device=DEVICE)
+    causal = MultiHeadAttention(32, 2, causal=True).to(DEVICE)
+    future = torch.ones(17, 17, dtype=torch.bool, device=DEVICE).triu(1)
     ref, _ = _torch_mha(causal)(x, x, x, attn_mask=future, need_weights=False)
     with fastlm.use_backend(kernel):
         torch.testing.assert_close(causal(x), ref, atol=1e-5, rtol=1e-5)
-    cross = MultiHeadAttention(32, 2)
+    cross = MultiHeadAttention(32, 2).to(DEVICE)
     ref, _ = _torch_mha(cross)(x, memory, memory, need_weights=False)
     with fastlm.use_backend(kernel):
         torch.testing.assert_close(cross(x, memory), ref, atol=1e-5, rtol=1e-5)
@@ -53,8 +65,9 @@ def test_causal_and_cross_attention_match_torch_mha(kernel):
 def test_gqa_and_t5_relative_bias(kernel):
     torch.manual_seed(0)
     mha = MultiHeadAttention(64, 4, num_kv_heads=2, bias=False, scale=1.0, rel_pos_buckets=32, rel_pos_max_distance=64)
+    mha = mha.to(DEVICE)
     assert mha.in_proj_weight.shape == (64 + 2 * 32, 64)
-    x = torch.randn(2, 21, 64)
+    x = torch.randn(2, 21, 64, device=DEVICE)
     with fastlm.use_backend(kernel):
         out = mha(x)
         out.sum().backward()
@@ -73,8 +86,8 @@ def test_gqa_and_t5_relative_bias(kernel):
 def test_torch_compile_fullgraph(kernel):
     """The custom ops' fake implementations let torch.compile trace forward and backward in one graph."""
     torch.manual_seed(0)
-    module = fastlm.nn.MultiHeadAttention(32, 2, causal=True, rel_pos_buckets=8, rel_pos_max_distance=16)
-    x = torch.randn(2, 9, 32)
+    module = fastlm.nn.MultiHeadAttention(32, 2, causal=True, rel_pos_buckets=8, rel_pos_max_distance=16).to(DEVICE)
+    x = torch.randn(2, 9, 32, device=DEVICE)
     with fastlm.use_backend(kernel):
         expected = module(x)
         (expected_grad,) = torch.autograd.grad(expected.sum(), module.relative_attention_bias.weight)

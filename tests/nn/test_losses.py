@@ -5,30 +5,33 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm.testing import randn
+from fastlm.testing import default_device, randn
+
+# torch.compile through the registered ops: the CPU kernels on the CPU; every GPU kernel on a GPU
+COMPILED = ["cpu"] if default_device() == "cpu" else ["triton", "cuda"]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_loss_is_drop_in_for_torch(backend, reduction):
+def test_cross_entropy_loss_is_drop_in_for_torch(backend, device, reduction):
     ref = torch.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1)
     mod = fastlm.nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1)
-    logits = randn(6, 50, scale=2.0)
-    labels = torch.tensor([1, -100, 3, 49, 0, -100])
+    logits = randn(6, 50, device=device, scale=2.0)
+    labels = torch.tensor([1, -100, 3, 49, 0, -100], device=device)
     with fastlm.use_backend(backend):
         torch.testing.assert_close(mod(logits, labels), ref(logits, labels))
-    spatial = randn(2, 50, 3)  # torch's (N, V, d1) layout
-    spatial_labels = torch.randint(0, 50, (2, 3))
+    spatial = randn(2, 50, 3, device=device)  # torch's (N, V, d1) layout
+    spatial_labels = torch.randint(0, 50, (2, 3), device=device)
     with fastlm.use_backend(backend):
         torch.testing.assert_close(mod(spatial, spatial_labels), ref(spatial, spatial_labels))
 
 
-def test_linear_cross_entropy_loss_matches_head(backend):
+def test_linear_cross_entropy_loss_matches_head(backend, device):
     """BERT's MLM head: decoder tied to the word embedding, with a decoder bias."""
     torch.manual_seed(0)
-    emb = torch.nn.Embedding(80, 24)
-    bias = torch.nn.Parameter(torch.randn(80))
-    ids = torch.randint(0, 80, (3, 10))
-    labels = torch.where(torch.rand(3, 10) < 0.3, ids, -100)
+    emb = torch.nn.Embedding(80, 24, device=device)
+    bias = torch.nn.Parameter(torch.randn(80, device=device))
+    ids = torch.randint(0, 80, (3, 10), device=device)
+    labels = torch.where(torch.rand(3, 10, device=device) < 0.3, ids, -100)
     loss_fn = fastlm.nn.LinearCrossEntropyLoss(capacity=30)
 
     def grads(fn):
@@ -47,18 +50,19 @@ def test_linear_cross_entropy_loss_matches_head(backend):
     assert "capacity=30" in repr(loss_fn)
 
 
-def test_torch_compile_fullgraph_cross_entropy():
-    if "cpu" not in fastlm.available_backends("cpu"):
-        pytest.skip("cpu backend unavailable")
-    proj = torch.nn.Linear(16, 40)
+@pytest.mark.parametrize("kernel", COMPILED)
+def test_torch_compile_fullgraph_cross_entropy(kernel, device):
+    if kernel not in fastlm.available_backends(device):
+        pytest.skip(f"{kernel} backend unavailable")
+    proj = torch.nn.Linear(16, 40, device=device)
     loss_fn = fastlm.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
-    x = randn(8, 16)
-    labels = torch.tensor([0, 5, -100, 39, 7, -100, 2, 2])
+    x = randn(8, 16, device=device)
+    labels = torch.tensor([0, 5, -100, 39, 7, -100, 2, 2], device=device)
 
     def step(x):
         return loss_fn(proj(x), labels)
 
-    with fastlm.use_backend("cpu"):
+    with fastlm.use_backend(kernel):
         expected = step(x)
         expected.backward()
         grads = [p.grad.clone() for p in proj.parameters()]

@@ -19,10 +19,10 @@ IGNORE = -100
 OPTIONS = [(0.0, 0.0), (0.1, 1e-3)]
 
 
-def make_labels(rows, v, ignored, generator=None):
-    """(rows,) int64 labels in [0, v) with a fraction `ignored` of them set to IGNORE."""
-    labels = torch.randint(0, v, (rows,), generator=generator)
-    drop = torch.rand(rows, generator=generator) < ignored
+def make_labels(rows, v, ignored, device="cpu"):
+    """(rows,) int64 labels in [0, v) on `device` with a fraction `ignored` of them set to IGNORE."""
+    labels = torch.randint(0, v, (rows,), device=device)
+    drop = torch.rand(rows, device=device) < ignored
     if ignored >= 1.0:
         drop[:] = True
     return torch.where(drop, IGNORE, labels)
@@ -68,7 +68,9 @@ def compare(backend, actual, oracle, baselines, names):
 def check_ce(backend, logits, labels, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
     options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "reduction": reduction}
     rows_shape = labels.shape if reduction == "none" else ()
-    g = torch.randn(rows_shape, dtype=torch.float64) if reduction != "mean" else torch.tensor(1.0, dtype=torch.float64)
+    g = torch.randn(rows_shape, dtype=torch.float64, device=logits.device)  # upstream gradient of the loss
+    if reduction == "mean":
+        g = torch.ones_like(g)
 
     def ours(x):
         with fastlm.use_backend(backend), poisoned_outputs():
@@ -86,19 +88,19 @@ def check_ce(backend, logits, labels, label_smoothing=0.0, z_loss=0.0, reduction
 @pytest.mark.parametrize("ignored", [0.0, 0.85, 1.0], ids=["all", "15%", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 97), (7, 1000), (33, 1025)], ids=str)
-def test_cross_entropy_matches_reference(backend, shape, dtype, ignored, label_smoothing, z_loss):
+def test_cross_entropy_matches_reference(backend, device, shape, dtype, ignored, label_smoothing, z_loss):
     rows, v = shape
-    logits = randn(rows, v, dtype=dtype, scale=3.0)
-    labels = make_labels(rows, v, ignored)
+    logits = randn(rows, v, dtype=dtype, device=device, scale=3.0)
+    labels = make_labels(rows, v, ignored, device)
     loss, dlogits = check_ce(backend, logits, labels, label_smoothing, z_loss)
     if ignored == 1.0:  # every label ignored: exactly 0 with zero gradient, not NaN
         assert loss.item() == 0.0 and torch.count_nonzero(dlogits) == 0
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_cross_entropy_reductions_and_shapes(backend, reduction):
-    logits = randn(2, 5, 130, scale=2.0)  # (..., V)
-    labels = make_labels(10, 130, 0.3).view(2, 5)
+def test_cross_entropy_reductions_and_shapes(backend, device, reduction):
+    logits = randn(2, 5, 130, device=device, scale=2.0)  # (..., V)
+    labels = make_labels(10, 130, 0.3, device).view(2, 5)
     loss, _ = check_ce(backend, logits, labels, 0.05, 1e-4, reduction)
     assert loss.shape == (labels.shape if reduction == "none" else ())
     with fastlm.use_backend(backend):
@@ -106,37 +108,38 @@ def test_cross_entropy_reductions_and_shapes(backend, reduction):
     torch.testing.assert_close(loss32, cross_entropy_reference(logits, labels, reduction=reduction))
 
 
-def test_cross_entropy_wide_vocab(backend):
+def test_cross_entropy_wide_vocab(backend, device):
     """A vocabulary wider than one Triton block and not a multiple of it (BERT's 30522)."""
-    check_ce(backend, randn(3, 30522, scale=4.0), torch.tensor([5, IGNORE, 30521]), 0.1, 1e-4)
+    logits, labels = randn(3, 30522, device=device, scale=4.0), torch.tensor([5, IGNORE, 30521], device=device)
+    check_ce(backend, logits, labels, 0.1, 1e-4)
 
 
-def test_strided_logits(backend):
-    base = randn(6, 200, scale=2.0)
-    check_ce(backend, base[:, 10:150], make_labels(6, 140, 0.2))  # rows strided by 200: used as a view
-    check_ce(backend, randn(90, 4).t(), make_labels(4, 90, 0.0))  # unit stride along rows: copied
+def test_strided_logits(backend, device):
+    base = randn(6, 200, device=device, scale=2.0)
+    check_ce(backend, base[:, 10:150], make_labels(6, 140, 0.2, device))  # rows strided by 200: used as a view
+    check_ce(backend, randn(90, 4, device=device).t(), make_labels(4, 90, 0.0, device))  # unit stride: copied
 
 
-def test_empty_and_nan(backend):
+def test_empty_and_nan(backend, device):
     with fastlm.use_backend(backend):
-        empty = torch.empty(0, 11, requires_grad=True)
-        loss = fastlm.cross_entropy(empty, torch.empty(0, dtype=torch.long))
+        empty = torch.empty(0, 11, device=device, requires_grad=True)
+        loss = fastlm.cross_entropy(empty, torch.empty(0, dtype=torch.long, device=device))
         loss.backward()
         assert loss.item() == 0.0 and empty.grad.shape == (0, 11)
-        x = randn(3, 40)
+        x = randn(3, 40, device=device)
         x[1, 7] = float("nan")
-        rows = fastlm.cross_entropy(x, torch.tensor([1, 2, 3]), reduction="none")
+        rows = fastlm.cross_entropy(x, torch.tensor([1, 2, 3], device=device), reduction="none")
     assert torch.isnan(rows[1]) and not torch.isnan(rows[[0, 2]]).any()
 
 
-def test_kernel_masks_labels_out_of_range(backend):
+def test_kernel_masks_labels_out_of_range(backend, device):
     """Labels outside [0, V) reach a kernel only on a GPU (the CPU raises first): they never read out of
     bounds and give that row a NaN loss and gradient."""
     if backend == "reference":
         pytest.skip("no kernel")
-    logits = randn(4, 37)
-    labels = torch.tensor([3, 37, -5, IGNORE])
-    scale = torch.ones(4)
+    logits = randn(4, 37, device=device)
+    labels = torch.tensor([3, 37, -5, IGNORE], device=device)
+    scale = torch.ones(4, device=device)
     with poisoned_outputs():
         loss, _, dlogits = _ce_fwd(logits, labels, scale, IGNORE, 0.0, 0.0, True, backend)
     assert torch.isnan(loss[1:3]).all() and torch.isnan(dlogits[1:3]).all()
@@ -155,11 +158,11 @@ def baseline_linear(hidden, weight, bias, labels, label_smoothing, reduction, z_
 
 def check_linear(backend, hidden, weight, bias, labels, label_smoothing=0.0, z_loss=0.0, reduction="mean", **kw):
     options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "reduction": reduction}
-    g = torch.randn(labels.shape if reduction == "none" else (), dtype=torch.float64)
+    g = torch.randn(labels.shape if reduction == "none" else (), dtype=torch.float64, device=hidden.device)
     if reduction != "none" and hidden.dtype != torch.float32:
         # Backward scales the 16-bit d hidden by grad_output: one rounding more than PyTorch unless it is a
         # power of two (1 in bf16 training, the loss scale of fp16 AMP).
-        g = torch.tensor(2.0, dtype=torch.float64)
+        g = torch.full_like(g, 2.0)
 
     def ours(h, w, b):
         with fastlm.use_backend(backend), poisoned_outputs():
@@ -183,12 +186,12 @@ def check_linear(backend, hidden, weight, bias, labels, label_smoothing=0.0, z_l
 @pytest.mark.parametrize("ignored", [0.0, 0.85, 1.0], ids=["all", "15%", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 16, 97), (7, 24, 1000), (33, 16, 1025)], ids=str)
-def test_linear_cross_entropy_matches_reference(backend, shape, dtype, ignored, label_smoothing, z_loss):
+def test_linear_cross_entropy_matches_reference(backend, device, shape, dtype, ignored, label_smoothing, z_loss):
     rows, d, v = shape
-    hidden = randn(rows, d, dtype=dtype)
-    weight = randn(v, d, dtype=dtype, scale=0.5)
-    bias = randn(v, dtype=dtype) if rows != 7 else None
-    labels = make_labels(rows, v, ignored)
+    hidden = randn(rows, d, dtype=dtype, device=device)
+    weight = randn(v, d, dtype=dtype, device=device, scale=0.5)
+    bias = randn(v, dtype=dtype, device=device) if rows != 7 else None
+    labels = make_labels(rows, v, ignored, device)
     loss, dh, dw, db = check_linear(backend, hidden, weight, bias, labels, label_smoothing, z_loss)
     if ignored == 1.0:
         assert loss.item() == 0.0
@@ -196,23 +199,24 @@ def test_linear_cross_entropy_matches_reference(backend, shape, dtype, ignored, 
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_linear_cross_entropy_reductions(backend, reduction):
-    hidden = randn(3, 4, 20)  # (..., D)
-    labels = make_labels(12, 50, 0.5).view(3, 4)
-    check_linear(backend, hidden, randn(50, 20), randn(50), labels, 0.1, 1e-3, reduction)
+def test_linear_cross_entropy_reductions(backend, device, reduction):
+    hidden = randn(3, 4, 20, device=device)  # (..., D)
+    labels = make_labels(12, 50, 0.5, device).view(3, 4)
+    check_linear(backend, hidden, randn(50, 20, device=device), randn(50, device=device), labels, 0.1, 1e-3, reduction)
 
 
-def test_linear_cross_entropy_chunks(backend, monkeypatch):
+def test_linear_cross_entropy_chunks(backend, device, monkeypatch):
     """Several chunks of compacted rows, with d weight accumulated across them."""
-    monkeypatch.setitem(CHUNK_BYTES, "cpu", 4 * 300 * 5)  # 5 rows per chunk
-    hidden, weight, bias = randn(40, 12), randn(300, 12), randn(300)
-    check_linear(backend, hidden, weight, bias, make_labels(40, 300, 0.5), 0.1, 1e-4)
+    for device_type in CHUNK_BYTES:  # "cpu" and "cuda"
+        monkeypatch.setitem(CHUNK_BYTES, device_type, 4 * 300 * 5)  # 5 rows per chunk
+    hidden, weight, bias = randn(40, 12, device=device), randn(300, 12, device=device), randn(300, device=device)
+    check_linear(backend, hidden, weight, bias, make_labels(40, 300, 0.5, device), 0.1, 1e-4)
 
 
-def test_linear_cross_entropy_capacity(backend):
-    hidden, weight = randn(30, 16), randn(70, 16)
-    labels = make_labels(30, 70, 0.8)
-    labels[:6] = torch.arange(6)  # at least 6 labelled rows
+def test_linear_cross_entropy_capacity(backend, device):
+    hidden, weight = randn(30, 16, device=device), randn(70, 16, device=device)
+    labels = make_labels(30, 70, 0.8, device)
+    labels[:6] = torch.arange(6, device=device)  # at least 6 labelled rows
     count = int((labels != IGNORE).sum())
     check_linear(backend, hidden, weight, None, labels, capacity=count)
     check_linear(backend, hidden, weight, None, labels, capacity=count + 5, reduction="none")
@@ -222,12 +226,12 @@ def test_linear_cross_entropy_capacity(backend):
         assert torch.isnan(loss)
 
 
-def test_tied_weights(backend):
+def test_tied_weights(backend, device):
     """LM head tied to the input embedding: both gradients add into the one parameter."""
     torch.manual_seed(0)
-    emb = torch.nn.Embedding(60, 16)
-    ids = torch.randint(0, 60, (2, 9))
-    labels = make_labels(18, 60, 0.5).view(2, 9)
+    emb = torch.nn.Embedding(60, 16, device=device)
+    ids = torch.randint(0, 60, (2, 9), device=device)
+    labels = make_labels(18, 60, 0.5, device).view(2, 9)
 
     def grad(fn):
         emb.zero_grad()
@@ -300,14 +304,16 @@ def test_bad_input(call, error, match):
         call()
 
 
-def test_float64_runs_on_reference():
-    x = torch.randn(5, 9, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, IGNORE, 8])
+def test_float64_runs_on_reference_and_refuses_kernels(device):
+    x = torch.randn(5, 9, dtype=torch.float64, device=device)
+    y = torch.tensor([0, 1, 2, IGNORE, 8], device=device)
     torch.testing.assert_close(
         fastlm.cross_entropy(x, y, label_smoothing=0.1), F.cross_entropy(x, y, label_smoothing=0.1)
     )
-    with fastlm.use_backend("cpu"), pytest.raises(RuntimeError, match="no cross_entropy on torch.float64"):
-        fastlm.cross_entropy(x, y)
+    kernels = [name for name in fastlm.available_backends(device) if name != "reference"]
+    for kernel in kernels:
+        with fastlm.use_backend(kernel), pytest.raises(RuntimeError, match="no cross_entropy on torch.float64"):
+            fastlm.cross_entropy(x, y)
 
 
 @pytest.mark.gpu
@@ -317,6 +323,6 @@ def test_on_gpu(backend, dtype, v):
     rows, d = 4096, 768
     hidden = randn(rows, d, dtype=dtype, device="cuda")
     weight = randn(v, d, dtype=dtype, device="cuda", scale=0.05)
-    labels = make_labels(rows, v, 0.85).cuda()
+    labels = make_labels(rows, v, 0.85, "cuda")
     check_linear(backend, hidden, weight, randn(v, dtype=dtype, device="cuda"), labels, 0.1, 1e-4, capacity=1024)
     check_ce(backend, randn(512, v, dtype=dtype, device="cuda", scale=3.0), labels[:512], 0.1, 1e-4)

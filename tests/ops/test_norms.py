@@ -53,7 +53,7 @@ def oracle_fn(return_residual):
 
 def check(backend, rms, x, weight=None, bias=None, residual=None, eps=1e-5, return_residual=False):
     inputs = [x, weight, bias, residual]
-    grads = [torch.randn(x.shape, dtype=torch.float64), torch.randn(x.shape, dtype=torch.float64)]
+    grads = [torch.randn(x.shape, dtype=torch.float64, device=x.device) for _ in range(2)]  # upstream dy, ds
     actual = run(fastlm_fn(backend, return_residual), inputs, eps, rms, return_residual, grads)
     upcast = [None if t is None else t.double() for t in inputs]
     oracle = run(oracle_fn(return_residual), upcast, eps, rms, return_residual, grads)
@@ -77,44 +77,44 @@ def check(backend, rms, x, weight=None, bias=None, residual=None, eps=1e-5, retu
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 97), (3, 5, 768), (2, 1025)], ids=str)
-def test_norm_matches_reference(backend, rms, dtype, shape):
+def test_norm_matches_reference(backend, device, rms, dtype, shape):
     n = shape[-1]
-    x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
-    weight = randn(n, dtype=dtype) * 0.5 + 1
-    bias = None if rms else randn(n, dtype=dtype)
+    x = randn(*shape, dtype=dtype, device=device, scale=2.0) + 0.5
+    weight = randn(n, dtype=dtype, device=device) * 0.5 + 1
+    bias = None if rms else randn(n, dtype=dtype, device=device)
     check(backend, rms, x, weight, bias)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("return_residual", [False, True])
-def test_fused_residual(backend, rms, dtype, return_residual):
-    x = randn(13, 130, dtype=dtype)
-    residual = randn(13, 130, dtype=dtype)
-    weight = randn(130, dtype=dtype)
-    bias = None if rms else randn(130, dtype=dtype)
+def test_fused_residual(backend, device, rms, dtype, return_residual):
+    x = randn(13, 130, dtype=dtype, device=device)
+    residual = randn(13, 130, dtype=dtype, device=device)
+    weight = randn(130, dtype=dtype, device=device)
+    bias = None if rms else randn(130, dtype=dtype, device=device)
     check(backend, rms, x, weight, bias, residual, return_residual=return_residual)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-def test_mixed_precision(backend, rms):
+def test_mixed_precision(backend, device, rms):
     """bf16 activations with an fp32 residual stream and fp32 parameters."""
-    x = randn(9, 64, dtype=torch.bfloat16)
-    residual = randn(9, 64)
-    weight, bias = randn(64), (None if rms else randn(64))
+    x = randn(9, 64, dtype=torch.bfloat16, device=device)
+    residual = randn(9, 64, device=device)
+    weight, bias = randn(64, device=device), (None if rms else randn(64, device=device))
     check(backend, rms, x, weight, bias, residual, return_residual=True)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-def test_without_affine(backend, rms):
-    check(backend, rms, randn(6, 33))
+def test_without_affine(backend, device, rms):
+    check(backend, rms, randn(6, 33, device=device))
 
 
 @pytest.mark.parametrize("n", [4097, 65536])
-def test_wide_rows(backend, n):
-    x = randn(2, n, scale=3.0)
-    check(backend, False, x, randn(n), randn(n))
-    check(backend, True, x, randn(n))
+def test_wide_rows(backend, device, n):
+    x = randn(2, n, device=device, scale=3.0)
+    check(backend, False, x, randn(n, device=device), randn(n, device=device))
+    check(backend, True, x, randn(n, device=device))
 
 
 @pytest.mark.parametrize("n", [768, 1025])
@@ -129,31 +129,32 @@ def test_cpu_outputs_past_the_cache(n):
     check("cpu", True, x, randn(n))
 
 
-def test_strided_inputs(backend):
-    base = randn(8, 200)
+def test_strided_inputs(backend, device):
+    base = randn(8, 200, device=device)
     sliced = base[:, 10:106]  # rows strided by 200: used as a view
-    check(backend, False, sliced, randn(96), randn(96))
-    transposed = randn(40, 6).t()  # unit stride along rows: copied
-    check(backend, True, transposed, randn(40))
-    check(backend, False, randn(5, 48), randn(48), None, randn(10, 48)[::2], return_residual=True)
+    check(backend, False, sliced, randn(96, device=device), randn(96, device=device))
+    transposed = randn(40, 6, device=device).t()  # unit stride along rows: copied
+    check(backend, True, transposed, randn(40, device=device))
+    x, weight, residual = randn(5, 48, device=device), randn(48, device=device), randn(10, 48, device=device)[::2]
+    check(backend, False, x, weight, None, residual, return_residual=True)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-def test_empty_rows(backend, rms):
-    x = torch.empty(0, 16, requires_grad=True)
-    weight = torch.ones(16, requires_grad=True)
+def test_empty_rows(backend, device, rms):
+    x = torch.empty(0, 16, device=device, requires_grad=True)
+    weight = torch.ones(16, device=device, requires_grad=True)
     with fastlm.use_backend(backend):
         y = fastlm.rms_norm(x, weight) if rms else fastlm.layer_norm(x, weight)
     assert y.shape == (0, 16)
     y.sum().backward()
-    assert torch.equal(weight.grad, torch.zeros(16))
+    assert torch.equal(weight.grad, torch.zeros(16, device=device))
 
 
-def test_nan_propagates(backend):
-    x = randn(3, 40)
+def test_nan_propagates(backend, device):
+    x = randn(3, 40, device=device)
     x[1, 7] = float("nan")
     with fastlm.use_backend(backend):
-        y = fastlm.layer_norm(x, torch.ones(40))
+        y = fastlm.layer_norm(x, torch.ones(40, device=device))
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
 
 
@@ -205,8 +206,8 @@ def test_forced_backend_that_cannot_run():
         pass
 
 
-def test_float64_runs_on_reference_and_refuses_kernels():
-    x = torch.randn(4, 8, dtype=torch.float64)
+def test_float64_runs_on_reference_and_refuses_kernels(device):
+    x = torch.randn(4, 8, dtype=torch.float64, device=device)  # triton runs CPU tensors only interpreted
     assert torch.allclose(fastlm.layer_norm(x), F.layer_norm(x, (8,)))
     with fastlm.use_backend("triton"), pytest.raises(RuntimeError, match="no layer_norm on torch.float64"):
         fastlm.layer_norm(x)

@@ -23,10 +23,12 @@ def test_pretrain_runs_and_learns(small, tmp_path, family):
 
 
 def test_resume_is_bit_identical(small, tmp_path):
-    full = pretrain(small("bert", tmp_path / "full", save_every=3))
-    pretrain(small("bert", tmp_path / "cut", save_every=3))
+    """On the CPU also on a GPU machine: bit-identical resumes are promised on the CPU (README); on a GPU
+    pretrain runs under bf16 autocast on kernels that torch does not promise to be deterministic."""
+    full = pretrain(small("bert", tmp_path / "full", save_every=3, device="cpu"))
+    pretrain(small("bert", tmp_path / "cut", save_every=3, device="cpu"))
     os.remove(tmp_path / "cut" / "checkpoints" / "step-00000006.pt")  # as if killed after step 3's checkpoint
-    resumed = pretrain(small("bert", tmp_path / "cut", save_every=3, resume=True))
+    resumed = pretrain(small("bert", tmp_path / "cut", save_every=3, resume=True, device="cpu"))
     assert resumed["loss"] == full["loss"]
     a = load_checkpoint(str(tmp_path / "full" / "checkpoints" / "step-00000006.pt"))
     b = load_checkpoint(str(tmp_path / "cut" / "checkpoints" / "step-00000006.pt"))
@@ -76,6 +78,8 @@ def test_cli(corpus, tokenizer_dir, tmp_path, capsys):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(small, tmp_path):
-    one = pretrain(small("gpt", tmp_path / "one", steps=3, eval_every=3, batch_size=4))
-    two = pretrain(small("gpt", tmp_path / "two", steps=3, eval_every=3, batch_size=2, grad_accum=2))
+    """In fp32 on the CPU also on a GPU machine, where pretrain trains under bf16 autocast: micro-batch
+    gradients rounded to bf16 before they are summed would differ by more than the tolerance."""
+    one = pretrain(small("gpt", tmp_path / "one", steps=3, eval_every=3, batch_size=4, device="cpu"))
+    two = pretrain(small("gpt", tmp_path / "two", steps=3, eval_every=3, batch_size=2, grad_accum=2, device="cpu"))
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
