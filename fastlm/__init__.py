@@ -12,11 +12,11 @@ from .backends import info as _info
 from .data import mlm_mask
 from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
 from .patch import patch, unpatch
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "RelativePositionBias",
+    "__version__",
     "attention",
     "available_backends",
     "cross_entropy",
