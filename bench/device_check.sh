@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN.md §5): on a CUDA machine with torch, triton, nvcc, ninja and pybind11 already
+# GPU check (docs/architecture.md, "Tests, CI and benchmarks"): on a CUDA machine with torch, triton, nvcc, ninja and pybind11 already
 # installed (no network), build fastlm for sm_90, run the GPU tests, then the GPU benchmarks, all
 # within ~9 minutes. Everything it produces (logs, JSON, PNG) goes to the folder given as $1.
 #   bash bench/device_check.sh OUT_DIR
