@@ -17,15 +17,48 @@ Knobs (environment variables):
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
                          says why the extension is missing)
 Sources are globbed: csrc/*.cpp (glue), csrc/cpu/*.cpp (CPU kernels), csrc/cuda/*.cu (CUDA kernels).
+Packages are found, not listed: fastlm and its subpackages, plus kernels/ and bench/ installed as
+fastlm.kernels and fastlm.bench (so no top-level `kernels` or `bench` import name is claimed).
+The version is fastlm/version.py's. `import fastlm` needs only torch and numpy; the extras add the
+optional parts, and a missing one is reported by name (fastlm/_optional.py).
 """
 
 import os
 import platform
+import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+# Folders installed as subpackages of fastlm: import name -> folder.
+MAPPED_PACKAGES = {"fastlm.kernels": "kernels", "fastlm.bench": "bench"}
+
+EXTRAS = {
+    "triton": ["triton>=3.6"],  # the Triton kernels (fastlm.kernels); pulled in by CUDA builds of torch anyway
+    "models": ["safetensors"],  # Hugging Face checkpoint I/O of fastlm.models
+    "hf": ["transformers>=5.17"],  # fastlm.patch on Hugging Face models (their attention and mask interfaces)
+    "train": ["tokenizers", "safetensors", "tqdm", "matplotlib"],  # fastlm.data tokenizers, pretrain / finetune
+    "bench": ["matplotlib", "tqdm", "transformers>=5.17"],  # fastlm bench
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+
+def _version():
+    """__version__ of fastlm/version.py, read without importing fastlm (which needs torch)."""
+    match = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "fastlm" / "version.py").read_text(), re.MULTILINE)
+    if match is None:
+        raise SystemExit("fastlm/version.py must hold a line __version__ = \"X.Y.Z\"")
+    return match.group(1)
+
+
+def _packages():
+    """fastlm and every package below it, and each mapped folder with the packages below it."""
+    packages = find_packages(where=str(ROOT), include=["fastlm", "fastlm.*"])
+    for name, folder in MAPPED_PACKAGES.items():
+        packages += [name, *(f"{name}.{sub}" for sub in find_packages(where=str(ROOT / folder)))]
+    return packages
 
 
 def _flag(name):
@@ -177,16 +210,18 @@ def _build_ext():
 
 setup(
     name="fastlm",
-    version="0.1.0",
+    version=_version(),
     description="Fused attention, cross-entropy and norm kernels for BERT/GPT/T5 training",
     python_requires=">=3.10",
-    packages=["fastlm", "fastlm.ops", "fastlm.nn", "fastlm.kernels", "fastlm.bench"],
-    package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels", "fastlm.bench": "bench"},
-    package_data={"fastlm": ["dispatch.json"], "fastlm.bench": ["results/*.json"]},
+    packages=_packages(),
+    package_dir={"fastlm": "fastlm", **MAPPED_PACKAGES},
+    # JSON tables read at run time; a pattern that matches nothing (no GPU results committed yet) adds nothing:
+    # fastlm/dispatch.json (triton or cuda per op), kernels/*.json (tuned launch configurations), bench results.
+    package_data={"fastlm": ["*.json"], "fastlm.kernels": ["*.json"], "fastlm.bench": ["results/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "bench": ["matplotlib", "tqdm"]},
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["fastlm = fastlm.cli:main"]},
     zip_safe=False,
 )

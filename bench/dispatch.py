@@ -1,4 +1,4 @@
-"""Dispatch defaults from measured results (DESIGN.md §3).
+"""Dispatch defaults from measured results (docs/architecture.md, "Backends and dispatch").
 
 For every op timed on a GPU with both the `triton` and the `cuda` backend, the default for CUDA
 tensors is the backend with the smaller total forward+backward median over the op's shapes. The

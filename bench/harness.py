@@ -8,6 +8,7 @@ measured in the same run, and computes the speedup over the case's reference imp
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -128,20 +129,33 @@ def ceilings(device):
     }
 
 
-def metadata(device):
-    """Device name, date and versions that tag every result file."""
+def git_commit(version):
+    """The commit results are tagged with: FASTLM_GIT_COMMIT when set (a copy of the tree without .git,
+    as on a GPU machine), else HEAD of the checkout this file belongs to (not of some repository an
+    installed copy happens to sit in), else "unknown (fastlm <version>)"."""
+    if os.environ.get("FASTLM_GIT_COMMIT"):
+        return os.environ["FASTLM_GIT_COMMIT"]
+    here = Path(__file__).resolve()
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+        top, commit = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
             capture_output=True,
             text=True,
-            cwd=Path(__file__).parent,
+            cwd=here.parent,
             check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        ).stdout.splitlines()
+        if Path(top).resolve() / "bench" / here.name == here:
+            return commit
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        pass
+    return f"unknown (fastlm {version})"
+
+
+def metadata(device):
+    """Device name, date and versions that tag every result file."""
     import fastlm
 
+    commit = git_commit(fastlm.__version__)
     try:
         import triton
 

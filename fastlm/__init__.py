@@ -3,7 +3,7 @@
 Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
 fastlm.cross_entropy, fastlm.linear_cross_entropy; BERT's masking: fastlm.mlm_mask (fastlm.data).
 Models: fastlm.models. Modules: fastlm.nn. Existing models: fastlm.patch / fastlm.unpatch.
-Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (DESIGN.md §3).
+Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (docs/architecture.md, "Backends and dispatch").
 """
 
 from . import models, nn, ops
@@ -12,11 +12,11 @@ from .backends import info as _info
 from .data import mlm_mask
 from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
 from .patch import patch, unpatch
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "RelativePositionBias",
+    "__version__",
     "attention",
     "available_backends",
     "cross_entropy",

@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (DESIGN.md §3).
+"""Backend registry and dispatch (docs/architecture.md, "Backends and dispatch").
 
 Every op has up to five implementations, named:
   reference  plain PyTorch, always available (the oracle)

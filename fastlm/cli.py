@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import sys
 
+from ._optional import MissingDependency, require
+
 _PRETRAIN_HELP = {
     "preset": "model size: tiny, or a preset name (bert-base, gpt2, t5-small, ...)",
     "data": "'builtin' (stdlib docstrings), a text/.jsonl file, a folder, or hf:NAME[:CONFIG]",
@@ -97,7 +99,7 @@ def main(argv=None):
     if argv and argv[0] in ("pretrain", "finetune"):  # their own parsers, so that --help reaches them
         try:
             (_pretrain if argv[0] == "pretrain" else _finetune)(argv[1:])
-        except ValueError as e:
+        except (ValueError, MissingDependency) as e:
             print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
             return 2
         return 0
@@ -109,6 +111,12 @@ def main(argv=None):
 
         print(fastlm.info())
         return 0
+    try:
+        for module in ("tqdm", "matplotlib"):
+            require(module, "bench", "fastlm bench")
+    except MissingDependency as e:
+        print(f"fastlm bench: error: {e}", file=sys.stderr)
+        return 2
     from .bench.__main__ import main as bench_main
 
     bench_main(rest)

@@ -152,6 +152,9 @@ def hf_mask(
             return None
         padding = attention_mask[:, kv_offset : kv_offset + kv_length].bool()  # (B, kv_length)
         return None if bool(padding.all()) else padding
+    # transformers passes its own allow_is_causal_skip; the dense mask must never be skipped (None would make
+    # hf_attention fall back to the module's plain causality, losing the window or custom pattern).
+    kwargs.pop("allow_is_causal_skip", None)
     return mu.sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,

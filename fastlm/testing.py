@@ -1,4 +1,4 @@
-"""Helpers for checking kernels against the reference (DESIGN.md §4).
+"""Helpers for checking kernels against the reference (docs/architecture.md, "Numerics and bad input").
 
 The rule is FlashAttention's: compute the reference in fp64 (the oracle); run the same computation in
 PyTorch at the input dtype (the baseline); the kernel passes when its error against the oracle is at

@@ -216,6 +216,31 @@ def test_llama_gqa_rms_norm_and_generate():
     )
 
 
+def test_sliding_window_mask_takes_the_dense_fallback():
+    """A sliding window is neither plain causal nor bidirectional: the mask interface builds the dense 4-D
+    mask through transformers' sdpa_mask, which once got allow_is_causal_skip twice (a TypeError)."""
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = build(transformers.MistralForCausalLM, config)
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    before = count("attention")
+    assert_same(patched, model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, train=False)
+    assert count("attention") > before
+
+
 @pytest.mark.parametrize("forced", [None, "triton", "reference"], ids=["default-dispatch", "triton", "reference"])
 def test_one_layer_bert_per_backend(forced, device):
     """Default dispatch runs the cpu kernels where they exist on CPU tensors, triton or cuda on CUDA tensors;

@@ -9,8 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from .._optional import require
 
 __all__ = ["FAMILIES", "NUM_SENTINELS", "Tokenizer", "load_tokenizer", "train_tokenizer"]
 
@@ -31,7 +30,7 @@ class Tokenizer:
     sentinel_ids (T5) lists <extra_id_0> ... <extra_id_99> in order.
     """
 
-    hf: HFTokenizer
+    hf: object  # a tokenizers.Tokenizer
     family: str
     pad_id: int | None = None
     eos_id: int | None = None
@@ -91,6 +90,10 @@ def _wrap(hf, family):
     return Tokenizer(hf, family, pad_id=tid("<pad>"), eos_id=tid("</s>"), sentinel_ids=sentinels)
 
 
+def _tokenizers():
+    return require("tokenizers", "train", "training or loading a tokenizer")
+
+
 def _check_family(family):
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -102,29 +105,30 @@ def train_tokenizer(family, texts, vocab_size=8000):
     specials = _SPECIALS[family]
     if vocab_size <= len(specials) + 1:
         raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens, got {vocab_size}")
+    tk = _tokenizers()
     if family == "bert":
-        hf = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
-        hf.normalizer = normalizers.BertNormalizer(lowercase=True)
-        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        hf.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        hf = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
+        hf.normalizer = tk.normalizers.BertNormalizer(lowercase=True)
+        hf.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        hf.decoder = tk.decoders.WordPiece()
+        trainer = tk.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
     elif family == "gpt":
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        hf = tk.Tokenizer(tk.models.BPE())
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()
         )
     else:
-        hf = HFTokenizer(models.Unigram())
-        hf.normalizer = normalizers.NFKC()
-        hf.pre_tokenizer = pre_tokenizers.Metaspace()
-        hf.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+        hf = tk.Tokenizer(tk.models.Unigram())
+        hf.normalizer = tk.normalizers.NFKC()
+        hf.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+        hf.decoder = tk.decoders.Metaspace()
+        trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     hf.train_from_iterator(texts, trainer=trainer)
     tok = _wrap(hf, family)
     if family == "bert":
-        hf.post_processor = processors.BertProcessing(("[SEP]", tok.sep_id), ("[CLS]", tok.cls_id))
+        hf.post_processor = tk.processors.BertProcessing(("[SEP]", tok.sep_id), ("[CLS]", tok.cls_id))
     return tok
 
 
@@ -134,7 +138,7 @@ def load_tokenizer(directory, family):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise ValueError(f"tokenizer: no tokenizer.json in {directory!r}")
-    tok = _wrap(HFTokenizer.from_file(path), family)
+    tok = _wrap(_tokenizers().Tokenizer.from_file(path), family)
     need = {"bert": ("pad_id", "mask_id", "cls_id", "sep_id"), "gpt": ("eos_id",), "t5": ("pad_id", "eos_id")}[family]
     missing = [n for n in need if getattr(tok, n) is None]
     if family == "t5" and None in tok.sentinel_ids:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._optional import require
+
 __all__ = ["PretrainedMixin", "load_state_dict_checked", "read_checkpoint", "write_checkpoint"]
 
 CONFIG_NAME = "config.json"
@@ -27,7 +29,7 @@ def read_checkpoint(source, model_type):
         ``model.safetensors.index.json`` works too) or an HF ``PreTrainedModel`` instance.
     model_type: the expected ``config.model_type`` ("bert", "gpt2", "t5"); another one is a ValueError.
     """
-    from safetensors.torch import load_file
+    load_file = require("safetensors.torch", "models", "reading a checkpoint").load_file
 
     if isinstance(source, nn.Module):
         if not hasattr(source, "config"):
@@ -68,7 +70,7 @@ def write_checkpoint(directory, config, state_dict):
 
     Tensors that share storage (tied weights) must already be removed by the caller.
     """
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "models", "writing a checkpoint").save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

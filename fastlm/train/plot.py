@@ -1,12 +1,13 @@
 """The loss-curve PNG of a run: training loss per step (raw and smoothed) and the evaluation points."""
 
+from .._optional import require
+
 __all__ = ["plot_history"]
 
 
 def plot_history(history, path, title=""):
     """Write ``path`` (PNG) from a history dict {"step": [...], "loss": [...], "eval": [{"step", ...}]}."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "train", "the loss plot")
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 

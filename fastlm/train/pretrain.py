@@ -17,6 +17,7 @@ import time
 import torch
 from torch import distributed as dist
 
+from .._optional import require
 from ..data import load_texts, load_tokenizer, train_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .plot import plot_history
@@ -238,8 +239,7 @@ def pretrain(config):
     tokens_per_step = global_batch * task.tokens_per_example(train)
     bar = None
     if is_main and config.progress:
-        from tqdm import tqdm
-
+        tqdm = require("tqdm", "train", "the progress bar of fastlm pretrain").tqdm
         bar = tqdm(total=config.steps, initial=start, desc=f"pretrain {config.family}", unit="step")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

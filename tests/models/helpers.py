@@ -1,5 +1,6 @@
-"""Shared by the model tests: parity checks against Hugging Face's eager models (DESIGN.md §4's rule,
-with HF in fp64 as the oracle and HF in fp32 as the baseline), and running a model on a forced backend."""
+"""Shared by the model tests: parity checks against Hugging Face's eager models (the rule of
+docs/architecture.md, "Numerics and bad input", with HF in fp64 as the oracle and HF in fp32 as the
+baseline), and running a model on a forced backend."""
 
 import contextlib
 import copy
@@ -34,7 +35,8 @@ def on_backend(backend):
 
 
 def assert_matches_hf(actual, oracle, baseline, name, factor=2.0):
-    """DESIGN.md §4: fastlm's fp32 error against HF fp64 within ``factor`` × HF fp32's error."""
+    """fastlm's fp32 error against HF fp64 within ``factor`` × HF fp32's error (docs/architecture.md,
+    "Numerics and bad input")."""
     assert_close_to_reference(actual, oracle, baseline, factor=factor, name=name)
 
 

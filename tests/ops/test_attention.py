@@ -1,4 +1,5 @@
-"""fastlm.attention in every backend that has its kernels, against the fp64 reference (DESIGN.md §4)."""
+"""fastlm.attention in every backend that has its kernels, against the fp64 reference
+(docs/architecture.md, "Numerics and bad input")."""
 
 import importlib
 import math

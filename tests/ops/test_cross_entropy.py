@@ -1,4 +1,5 @@
-"""cross_entropy and linear_cross_entropy in every backend against the fp64 reference (DESIGN.md §4)."""
+"""cross_entropy and linear_cross_entropy in every backend against the fp64 reference
+(docs/architecture.md, "Numerics and bad input")."""
 
 import pytest
 import torch

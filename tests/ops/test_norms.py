@@ -1,4 +1,4 @@
-"""LayerNorm / RMSNorm in every backend against the fp64 reference (DESIGN.md §4)."""
+"""LayerNorm / RMSNorm in every backend against the fp64 reference (docs/architecture.md, "Numerics and bad input")."""
 
 import pytest
 import torch
