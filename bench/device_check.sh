@@ -36,10 +36,10 @@ if [ $dry_run = 1 ]; then
   dispatch_file="$work/dispatch.json"
 else
   export FASTLM_CUDA=1 FASTLM_CUDA_ARCHS=90 MAX_JOBS=${MAX_JOBS:-16}
-  limits=(build=140 tune=105 tests=120 bench=140 summary=15)   # with wheels (15): at most 535 s
-  tune_args=(--budget-s 95)
-  test_args=(-n 10 -m gpu tests)
-  bench_args=(--headline --ops norms,attention,cross_entropy,models --budget-s 110 --rep-ms 50)
+  limits=(build=140 tune=90 tests=150 bench=125 summary=15)   # with wheels (15): at most 535 s
+  tune_args=(--budget-s 78)
+  test_args=(-n 12 -m gpu tests)
+  bench_args=(--headline --ops norms,attention,cross_entropy,models --budget-s 95 --rep-ms 50)
   dispatch_file=fastlm/dispatch.json
 fi
 limit() { local pair; for pair in "${limits[@]}"; do [ "${pair%%=*}" = "$1" ] && echo "${pair#*=}"; done; }

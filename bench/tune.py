@@ -18,6 +18,7 @@ per family, fp16) and writes its table under the "cpu" key, so CI exercises the 
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import subprocess
@@ -130,21 +131,24 @@ ATTENTION_BWD = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2),
 ATTENTION_BWD_BIAS = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
 
 
-def _attention_sweeps(device, dtype, dry_run):
+# group -> (label, B, H, L, D, causal, padding, T5 bias) on a GPU, and its tiny version for the dry run
+ATTENTION_SHAPES = {
+    "attention_bert": (("bert-base-pad", 16, 12, 512, 64, False, True, False),
+                       ("bert-pad", 1, 2, 40, 16, False, True, False)),
+    "attention_t5": (("t5-base-relpos", 16, 12, 512, 64, False, True, True),
+                     ("t5-relpos", 1, 2, 40, 16, False, True, True)),
+    "attention_long": (("long-causal", 2, 16, 4096, 128, True, False, False),
+                       ("causal", 1, 2, 40, 32, True, False, False)),
+}  # fmt: skip
+
+
+def _attention_sweeps(device, dtype, dry_run, group):
     import fastlm
     from fastlm.kernels import attention
 
-    # (label, B, H, L, D, causal, padding, T5 bias)
-    if dry_run:
-        shapes = [("t5-relpos", 1, 2, 40, 16, False, True, True)]
-    else:
-        shapes = [
-            ("bert-base-pad", 16, 12, 512, 64, False, True, False),
-            ("t5-base-relpos", 16, 12, 512, 64, False, True, True),
-            ("long-causal", 2, 16, 4096, 128, True, False, False),
-        ]
+    gpu_shape, tiny_shape = ATTENTION_SHAPES[group]
     sweeps = {}
-    for label, B, H, L, D, causal, pad, rel_pos in shapes:
+    for label, B, H, L, D, causal, pad, rel_pos in [tiny_shape if dry_run else gpu_shape]:
 
         def setup(B=B, H=H, L=L, D=D, causal=causal, pad=pad, rel_pos=rel_pos):
             q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -184,7 +188,11 @@ def _attention_sweeps(device, dtype, dry_run):
     return sweeps
 
 
-GROUPS = {"norms": _norm_sweeps, "cross_entropy": _ce_sweeps, "attention": _attention_sweeps}
+GROUPS = {
+    "norms": _norm_sweeps,
+    "cross_entropy": _ce_sweeps,
+    **{group: functools.partial(_attention_sweeps, group=group) for group in ATTENTION_SHAPES},
+}
 
 
 # ---- one group, in its own process ----
