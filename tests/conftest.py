@@ -12,12 +12,16 @@ if not torch.cuda.is_available():
 
 
 def _fix_interpreter_bf16():
-    """Two bf16 faults of triton 3.9's interpreter, patched here so that kernels run as on a GPU:
+    """Two bf16 faults of triton's interpreter (3.6 through 3.9 at least), patched here so that kernels
+    run as on a GPU:
     - tl.dot: bf16 is held as uint16 and those integers are multiplied, so a bf16 dot returns garbage
       (fp16 and fp32 are right). Convert bf16 operands to fp32 first; a bf16 product is exact in
       fp32, which is what the GPU's fp32-accumulating tensor cores compute.
     - casts fp32 -> bf16 truncate the mantissa, where the GPU rounds to nearest even; a kernel whose
       bf16 output is then checked against fp64 fails by one ulp. Round as the GPU does.
+    Both hooks (InterpreterBuilder.create_dot and .cast_impl) are looked up rather than assumed, and
+    their other arguments are passed through untouched, so one patch fits every triton that has them;
+    where one is missing it is left alone. Both fixes stay right once triton fixes the faults itself.
     The kernels themselves are left as they run on a GPU."""
     try:
         import numpy as np
@@ -25,28 +29,35 @@ def _fix_interpreter_bf16():
         from triton.runtime import interpreter
     except ImportError:
         return
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    if builder is None or handle is None:
+        return
 
-    def as_fp32(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        bits = handle.data.astype(np.uint32) << np.uint32(16)
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+    def as_fp32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        bits = h.data.astype(np.uint32) << np.uint32(16)
+        return handle(bits.view(np.float32), tl.float32)
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+    original_dot = getattr(builder, "create_dot", None)
+    if original_dot is not None:
 
-    builder.create_dot = create_dot
-    original_cast = builder.cast_impl
+        def create_dot(self, a, b, *args, **kwargs):
+            return original_dot(self, as_fp32(a), as_fp32(b), *args, **kwargs)
 
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return original_cast(self, src, dst_type)
+        builder.create_dot = create_dot
 
-    builder.cast_impl = cast_impl
+    original_cast = getattr(builder, "cast_impl", None)
+    if original_cast is not None:
+
+        def cast_impl(self, src, dst_type, *args, **kwargs):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+                return handle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+            return original_cast(self, src, dst_type, *args, **kwargs)
+
+        builder.cast_impl = cast_impl
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
