@@ -163,7 +163,11 @@ def test_features(kernel, feature, dtype):
 @pytest.mark.parametrize("Lq", [1, 17, 64, 130])
 @pytest.mark.parametrize("Lk", [1, 17, 64, 130])
 def test_lengths(kernel, Lq, Lk):
-    _run(kernel, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=16, causal=(Lq + Lk) % 2 == 0, pad=Lk > 1)
+    # A single query or key leaves few independent gradient errors (about one per head): with 2 heads the
+    # baseline's max error is too noisy a yardstick (under a third of the kernel's in ~1 of 300 runs at
+    # Lq=1, Lk=17); with 16 heads the ratio of the two maxima stays under 2 (100 runs).
+    Hq = 16 if min(Lq, Lk) == 1 else 2
+    _run(kernel, B=1, Hq=Hq, Hkv=Hq // 2, Lq=Lq, Lk=Lk, D=16, causal=(Lq + Lk) % 2 == 0, pad=Lk > 1)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
