@@ -65,8 +65,9 @@ def t5_config(gated):
     )
 
 
-def llama_config():
-    return transformers.LlamaConfig(
+def llama_config(config_class=None, **overrides):
+    """A tiny Llama-style config (GQA, gated MLP); `config_class` for a sibling family (Mistral, ...)."""
+    return (config_class or transformers.LlamaConfig)(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=37,
@@ -77,6 +78,7 @@ def llama_config():
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **overrides,
     )
 
 
@@ -219,19 +221,7 @@ def test_llama_gqa_rms_norm_and_generate():
 def test_sliding_window_mask_takes_the_dense_fallback():
     """A sliding window is neither plain causal nor bidirectional: the mask interface builds the dense 4-D
     mask through transformers' sdpa_mask, which once got allow_is_causal_skip twice (a TypeError)."""
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        sliding_window=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = llama_config(transformers.MistralConfig, sliding_window=4)
     model = build(transformers.MistralForCausalLM, config)
     patched = patched_copy(model)
     ids, mask = padded_batch()
