@@ -367,8 +367,12 @@ def _config(q, backward, has_score_bias):
 def shape_class(q, has_score_bias):
     """The tuning table's shape class of attention on q (B, H, L, D): the padded head dim, whether an
     additive or T5 bias is added to the scores, and the bits of q's dtype (tuned for 16-bit dtypes)."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    return f"d{block_d}{'-bias' if has_score_bias else ''}-{8 * q.element_size()}bit"
+    return f"d{_block_d(q.shape[-1])}{'-bias' if has_score_bias else ''}-{8 * q.element_size()}bit"
+
+
+def _block_d(head_dim):
+    """The head dim padded to the power of two (at least 16) the kernels' tiles hold."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _flags(q, causal, bias, mask, table, dropout_p, backward):
@@ -376,7 +380,7 @@ def _flags(q, causal, bias, mask, table, dropout_p, backward):
     D = q.shape[-1]
     block_m, block_n, num_warps, num_stages = _config(q, backward, bias is not None or table is not None)
     flags = {
-        "HEAD_DIM": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "HEAD_DIM": D, "BLOCK_D": _block_d(D), "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
         "HAS_RELPOS": table is not None, "REL_W": triton.next_power_of_2(block_m + block_n - 1),
         "DROPOUT": dropout_p > 0.0, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
