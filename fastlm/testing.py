@@ -11,7 +11,7 @@ import torch
 
 from .backends import poisoned_outputs
 
-__all__ = ["assert_close_to_reference", "default_device", "poisoned_outputs", "randn"]
+__all__ = ["LAYOUTS", "assert_close_to_reference", "default_device", "poisoned_outputs", "randn", "with_layout"]
 
 FLOOR = 1e-5  # relative to max(1, |oracle|): covers fp32 rounding where the baseline is exact
 
@@ -28,6 +28,37 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0, 
     where = device if generator is None else generator.device
     x = torch.randn(*shape, generator=generator, device=where).to(device) * scale
     return x.to(dtype).requires_grad_(requires_grad)
+
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+def with_layout(t, layout, dim=-1):
+    """`t` laid out in memory as `layout` says, a leaf with t's requires_grad; kernels must read it right.
+
+    contiguous  a contiguous copy
+    transposed  the same values stored with the last two dimensions swapped (t.mT of a contiguous
+                tensor); 1-D tensors are returned contiguous
+    sliced      every other element of a buffer twice as long along `dim` (stride 2 there)
+    expanded    the values at index 0 of `dim` repeated along it with stride 0; this changes the values,
+                so compare against the reference run on the returned tensor
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    requires_grad, t = t.requires_grad, t.detach()
+    if layout == "contiguous" or (layout == "transposed" and t.dim() < 2):
+        view = t.contiguous()
+    elif layout == "transposed":
+        view = t.mT.contiguous().mT
+    elif layout == "sliced":
+        dim %= t.dim()
+        shape = list(t.shape)
+        shape[dim] *= 2
+        view = t.new_zeros(shape)[(slice(None),) * dim + (slice(None, None, 2),)]  # t's shape, stride 2 along dim
+        view.copy_(t)
+    else:
+        view = t.narrow(dim, 0, min(1, t.shape[dim])).expand(t.shape)
+    return view.detach().requires_grad_(requires_grad)
 
 
 def _tf32_matmuls():
