@@ -142,8 +142,10 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
                 "is_causal is a hint that attn_mask is the causal mask)"
             )
         unbatched = query.dim() == 2
-        q, k, v = self._heads(query, key, value)  # (B, H, L, D), (B, H, S, D), (B, H, S, D)
-        extra = k.shape[2] - (key.shape[0] if unbatched or not self.batch_first else key.shape[1])
+        q, k, v = self._heads(query, key, value)  # (B, H, L, D), (B, H, S + extra, D) twice
+        S = key.shape[-2] if unbatched or self.batch_first else key.shape[0]
+        _check_masks(attn_mask, key_padding_mask, q.shape[:3], S, unbatched)
+        extra = k.shape[2] - S  # the add_bias_kv and add_zero_attn keys
         if unbatched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask[None]  # (S,) -> (1, S)
         attn_mask, key_padding_mask, causal = _pad_keys(attn_mask, extra), _pad_keys(key_padding_mask, extra), False
@@ -182,6 +184,23 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         if self.add_zero_attn:
             k, v = (torch.cat([t, t.new_zeros(B, self.num_heads, 1, t.shape[-1])], dim=2) for t in (k, v))
         return q, k, v
+
+
+def _check_masks(attn_mask, key_padding_mask, batch_heads_queries, S, unbatched):
+    """torch.nn.MultiheadAttention's rules for its masks, with errors naming the argument."""
+    B, H, L = batch_heads_queries
+    shapes = {
+        "key_padding_mask": [(S,)] if unbatched else [(B, S)],
+        "attn_mask": [(L, S), (H, L, S)] if unbatched else [(L, S), (B * H, L, S)],
+    }
+    for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if mask is None:
+            continue
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"FusedMultiheadAttention: {name} must be bool or floating-point, got {mask.dtype}")
+        if tuple(mask.shape) not in shapes[name]:
+            expected = " or ".join(map(str, shapes[name]))
+            raise ValueError(f"FusedMultiheadAttention: {name} must have shape {expected}, got {tuple(mask.shape)}")
 
 
 def _pad_keys(mask, extra):
@@ -294,6 +313,7 @@ def hf_attention(
     """transformers AttentionInterface entry for "fastlm": query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     as the model computed them (after RoPE, before any GQA repeat); attention_mask from hf_mask (a (B, Lk)
     bool key-padding mask, True = attend, or a dense 4-D mask) or None; returns ((B, Lq, Hq, D), None).
+    dropout draws fastlm's own mask (the model's rate, not the same mask as transformers' eager path).
 
     Calls that need what the fused kernel doesn't give — the attention weights (output_attentions=True)
     or an argument it doesn't implement (attention sinks, logit soft-capping, ...) — run the model's own

@@ -531,3 +531,22 @@ def test_hf_attention_takes_is_causal_from_the_call():
         got, _ = hf_attention(module, q, k, v, None, is_causal=is_causal)
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"key_padding_mask": torch.zeros(1, S)}, ValueError, r"key_padding_mask must have shape \(2, 7\)"),
+        ({"attn_mask": torch.zeros(B, L, S, dtype=torch.bool)}, ValueError, r"attn_mask must have shape \(5, 7\) or"),
+        ({"attn_mask": torch.zeros(L, S, dtype=torch.long)}, TypeError, "attn_mask must be bool or floating-point"),
+    ],
+    ids=["broadcastable-padding", "3d-mask-per-batch-only", "integer-mask"],
+)
+def test_multihead_attention_refuses_masks_torch_refuses(kwargs, error, match):
+    """Masks torch.nn.MultiheadAttention rejects are rejected with the argument named, never broadcast."""
+    mha, patched = _mha_pair({})
+    inputs = _mha_inputs(mha)
+    with pytest.raises((AssertionError, RuntimeError)):
+        mha(*inputs, need_weights=False, **kwargs)
+    with pytest.raises(error, match=match):
+        patched(*inputs, need_weights=False, **kwargs)
