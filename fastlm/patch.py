@@ -144,15 +144,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         unbatched = query.dim() == 2
         q, k, v = self._heads(query, key, value)  # (B, H, L, D), (B, H, S + extra, D) twice
         S = key.shape[-2] if unbatched or self.batch_first else key.shape[0]
-        _check_masks(attn_mask, key_padding_mask, q.shape[:3], S, unbatched)
-        extra = k.shape[2] - S  # the add_bias_kv and add_zero_attn keys
-        if unbatched and key_padding_mask is not None:
-            key_padding_mask = key_padding_mask[None]  # (S,) -> (1, S)
-        attn_mask, key_padding_mask, causal = _pad_keys(attn_mask, extra), _pad_keys(key_padding_mask, extra), False
-        if is_causal and key_padding_mask is None:
-            # torch drops attn_mask here and applies a top-left causal mask over all S keys
-            attn_mask, causal = _top_left_causal(q.shape[2], k.shape[2], q.device)
-        keep, bias, dead = _mask_bias(attn_mask, key_padding_mask, q.shape[:2], q.dtype)
+        causal, keep, bias, dead = _fused_masks(attn_mask, key_padding_mask, is_causal, q, (S, k.shape[2]), unbatched)
         dropout = self.dropout if self.training else 0.0
         out = attention(q, k, v, causal=causal, key_padding_mask=keep, attn_bias=bias, dropout_p=dropout)
         if dead is not None:
@@ -184,6 +176,22 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         if self.add_zero_attn:
             k, v = (torch.cat([t, t.new_zeros(B, self.num_heads, 1, t.shape[-1])], dim=2) for t in (k, v))
         return q, k, v
+
+
+def _fused_masks(attn_mask, key_padding_mask, is_causal, q, keys, unbatched):
+    """torch's masks as fastlm.attention's (causal, keep, bias, dead) (see _mask_bias), for per-head
+    queries q (B, H, L, D) and keys = (S, Sk): the S keys the masks cover and the Sk >= S that the
+    add_bias_kv / add_zero_attn keys make."""
+    S, Sk = keys
+    _check_masks(attn_mask, key_padding_mask, q.shape[:3], S, unbatched)
+    if unbatched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask[None]  # (S,) -> (1, S)
+    attn_mask, key_padding_mask = _pad_keys(attn_mask, Sk - S), _pad_keys(key_padding_mask, Sk - S)
+    causal = False
+    if is_causal and key_padding_mask is None:
+        # torch drops attn_mask here and applies a top-left causal mask over all Sk keys
+        attn_mask, causal = _top_left_causal(q.shape[2], Sk, q.device)
+    return (causal, *_mask_bias(attn_mask, key_padding_mask, q.shape[:2], q.dtype))
 
 
 def _check_masks(attn_mask, key_padding_mask, batch_heads_queries, S, unbatched):
@@ -236,7 +244,7 @@ def _mask_bias(attn_mask, key_padding_mask, batch_heads, dtype):
     if key_padding_mask is not None:
         bias = bias + _additive(key_padding_mask, dtype, float("-inf"))[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
     dead = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (.., L, 1)
-    return None, bias.clamp_min(torch.finfo(dtype).min), dead if bool(dead.any()) else None
+    return None, bias.clamp_min(torch.finfo(dtype).min), dead  # dead is not tested on the host: no sync
 
 
 def _additive(mask, dtype, fill=None):
