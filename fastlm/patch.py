@@ -14,13 +14,18 @@ rerouted with hooks on this instance. The paths are generic, by role rather than
   fastlm.attention (key padding from the 2-D mask, causality from `module.is_causal`, GQA as is,
   T5's relative-position bias computed inside the kernel from the stack's table); torch.nn.
   MultiheadAttention (alone or inside nn.TransformerEncoderLayer) becomes FusedMultiheadAttention.
+  A call the fused kernel cannot serve (attention weights asked for, output_attentions=True, an
+  attention argument it doesn't implement) runs the original code instead, with a one-time warning:
+  a patched model never gives a silently different answer.
 - loss: masked-LM heads (BERT), causal-LM heads (GPT-2, Llama-family: anything with an `lm_head`
   named *ForCausalLM / *LMHeadModel) and seq2seq LM heads (T5) compute their loss with
   fastlm.linear_cross_entropy on the hidden states and the (tied) head weight, so the logits of all
   rows are never materialised while training. The logits are still returned in eval mode, or when
-  the call passes `return_logits=True`.
+  the call passes `return_logits=True`. Models whose config transforms the logits before the loss
+  (final_logit_softcapping, logits_scaling, logit_scale) keep their own loss.
 """
 
+import sys
 import warnings
 import weakref
 
@@ -68,11 +73,32 @@ def _fused_norm(module):
     return None
 
 
+# --------------------------------------------------------------------------- fallbacks
+_WARNED = set()  # fallback reasons already warned about in this process
+
+
+def _warn_once(reason, message):
+    """Warn the first time `reason` comes up in this process: a call fastlm hands back to the original code."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 # --------------------------------------------------------------------------- torch.nn.MultiheadAttention
 class FusedMultiheadAttention(nn.MultiheadAttention):
     """torch.nn.MultiheadAttention whose forward runs fastlm.attention. fastlm.patch turns a module into
     one in place (its class is switched; it keeps its Parameters and state), unpatch switches it back.
-    Attention weights are never returned (the second output is None), as with need_weights=False."""
+
+    A drop-in: the arguments and their conventions are torch's, which differ from fastlm's own.
+    In particular ``key_padding_mask`` here is torch's (True = IGNORE that key, or a float mask added to
+    the scores), the opposite of ``fastlm.attention(key_padding_mask=...)`` and of
+    ``fastlm.nn.MultiHeadAttention(key_keep_mask=...)``, where True = attend. Every option of the
+    original module gives the original's answer: batch_first either way, unbatched input, kdim/vdim,
+    bias=False, add_bias_kv, add_zero_attn, bool or float masks of every accepted shape, is_causal.
+    Dropout draws its mask from fastlm's generator (same rate, not the same mask as torch's).
+    Calls the kernel cannot serve — need_weights=True (torch's default: the fused kernel never forms
+    the attention weights) and nested-tensor inputs — run torch's own forward, with a one-time warning.
+    """
 
     def forward(
         self,
@@ -85,53 +111,148 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights=True,
         is_causal=False,
     ):
-        """Arguments as torch.nn.MultiheadAttention.forward; returns (output, None)."""
-        if not self.batch_first and query.dim() == 3:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E) -> (B, L, E)
+        """torch.nn.MultiheadAttention.forward, with its shapes and conventions (E = embed_dim,
+        H = num_heads, B batch, L query length, S key length; float tensors of the module's dtype):
+
+        query (B, L, E) if batch_first else (L, B, E), or unbatched (L, E); key (.., S, kdim) and
+        value (.., S, vdim) laid out alike.
+        key_padding_mask: (B, S) or unbatched (S,); bool with True = IGNORE that key (torch's
+            convention, the opposite of fastlm.attention's), or float, added to the scores.
+        need_weights: torch's default True needs the attention weights, which the fused kernel never
+            forms: such calls run torch's forward (one-time warning). Pass False for the fused path.
+        attn_mask: (L, S) or (B*H, L, S); bool with True = NOT allowed to attend, or float, added.
+        is_causal: torch's hint that attn_mask is the causal mask (it needs attn_mask); without a
+            key_padding_mask torch then applies a top-left causal mask instead, and so does this.
+        Returns (output shaped like query, None) on the fused path.
+        """
+        if need_weights or query.is_nested:
+            reason = "need_weights=True" if need_weights else "nested-tensor inputs"
+            _warn_once(
+                ("FusedMultiheadAttention", reason),
+                f"FusedMultiheadAttention: {reason} is not served by the fused kernel (it never forms the "
+                "attention weights); these calls run torch.nn.MultiheadAttention's own forward. Pass "
+                "need_weights=False to use fastlm.attention.",
+            )
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "FusedMultiheadAttention: is_causal=True needs attn_mask (as in torch.nn.MultiheadAttention, "
+                "is_causal is a hint that attn_mask is the causal mask)"
+            )
         unbatched = query.dim() == 2
+        q, k, v = self._heads(query, key, value)  # (B, H, L, D), (B, H, S + extra, D) twice
+        S = key.shape[-2] if unbatched or self.batch_first else key.shape[0]
+        causal, keep, bias, dead = _fused_masks(attn_mask, key_padding_mask, is_causal, q, (S, k.shape[2]), unbatched)
+        dropout = self.dropout if self.training else 0.0
+        out = attention(q, k, v, causal=causal, key_padding_mask=keep, attn_bias=bias, dropout_p=dropout)
+        if dead is not None:
+            out = out.masked_fill(dead, 0.0)  # torch gives zeros where a query may attend to no key
+        B, H, L, D = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))  # (B, H, L, D) -> (B, L, E)
         if unbatched:
-            query, key, value = query[None], key[None], value[None]  # (1, L, E)
-        E, H = self.embed_dim, self.num_heads
+            return out[0], None
+        return (out if self.batch_first else out.transpose(0, 1)), None  # (B, L, E) -> (L, B, E)
+
+    def _heads(self, query, key, value):
+        """Project query/key/value (as forward takes them) to per-head (B, H, L or S, D) tensors, with the
+        add_bias_kv and add_zero_attn keys appended as torch does."""
+        if query.dim() == 2:
+            query, key, value = query[None], key[None], value[None]  # (L, E) -> (1, L, E)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, B, E) -> (B, L, E)
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        B, Lq, Lk = query.shape[0], query.shape[1], key.shape[1]
-        q = F.linear(query, w_q, b_q).view(B, Lq, H, E // H).transpose(1, 2)  # (B, H, Lq, D)
-        k = F.linear(key, w_k, b_k).view(B, Lk, H, E // H).transpose(1, 2)  # (B, H, Lk, D)
-        v = F.linear(value, w_v, b_v).view(B, Lk, H, E // H).transpose(1, 2)  # (B, H, Lk, D)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)  # (B, L|S, E)
+        B = q.shape[0]
         if self.bias_k is not None:
-            raise NotImplementedError("FusedMultiheadAttention: add_bias_kv is not supported")
-        padding = None if key_padding_mask is None else _keep_mask(key_padding_mask)
-        bias = None
-        if attn_mask is not None:
-            bias = _additive(attn_mask, q.dtype)
-            bias = bias.view(B, H, Lq, Lk) if bias.dim() == 3 else bias  # (B*H, Lq, Lk) -> (B, H, Lq, Lk)
-        dropout = self.dropout if self.training else 0.0
-        out = attention(
-            q, k, v, causal=is_causal and attn_mask is None, key_padding_mask=padding, attn_bias=bias, dropout_p=dropout
-        )
-        out = out.transpose(1, 2).reshape(B, Lq, E)  # (B, H, Lq, D) -> (B, Lq, E)
-        out = self.out_proj(out)
-        if unbatched:
-            out = out[0]
-        elif not self.batch_first:
-            out = out.transpose(0, 1)  # (B, L, E) -> (L, B, E)
-        return out, None
+            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], dim=1)  # (B, S + 1, E)
+            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], dim=1)  # (B, S + 1, E)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, L|S, D)
+        if self.add_zero_attn:
+            k, v = (torch.cat([t, t.new_zeros(B, self.num_heads, 1, t.shape[-1])], dim=2) for t in (k, v))
+        return q, k, v
 
 
-def _keep_mask(key_padding_mask):
-    """torch's key_padding_mask (True or -inf = ignore) as fastlm's (True = attend)."""
-    if key_padding_mask.dtype == torch.bool:
-        return ~key_padding_mask
-    return key_padding_mask == 0
+def _fused_masks(attn_mask, key_padding_mask, is_causal, q, keys, unbatched):
+    """torch's masks as fastlm.attention's (causal, keep, bias, dead) (see _mask_bias), for per-head
+    queries q (B, H, L, D) and keys = (S, Sk): the S keys the masks cover and the Sk >= S that the
+    add_bias_kv / add_zero_attn keys make."""
+    S, Sk = keys
+    _check_masks(attn_mask, key_padding_mask, q.shape[:3], S, unbatched)
+    if unbatched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask[None]  # (S,) -> (1, S)
+    attn_mask, key_padding_mask = _pad_keys(attn_mask, Sk - S), _pad_keys(key_padding_mask, Sk - S)
+    causal = False
+    if is_causal and key_padding_mask is None:
+        # torch drops attn_mask here and applies a top-left causal mask over all Sk keys
+        attn_mask, causal = _top_left_causal(q.shape[2], Sk, q.device)
+    return (causal, *_mask_bias(attn_mask, key_padding_mask, q.shape[:2], q.dtype))
 
 
-def _additive(mask, dtype):
-    """A boolean mask (True = masked out, torch's convention) or an additive float mask as a float bias."""
+def _check_masks(attn_mask, key_padding_mask, batch_heads_queries, S, unbatched):
+    """torch.nn.MultiheadAttention's rules for its masks, with errors naming the argument."""
+    B, H, L = batch_heads_queries
+    shapes = {
+        "key_padding_mask": [(S,)] if unbatched else [(B, S)],
+        "attn_mask": [(L, S), (H, L, S)] if unbatched else [(L, S), (B * H, L, S)],
+    }
+    for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if mask is None:
+            continue
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"FusedMultiheadAttention: {name} must be bool or floating-point, got {mask.dtype}")
+        if tuple(mask.shape) not in shapes[name]:
+            expected = " or ".join(map(str, shapes[name]))
+            raise ValueError(f"FusedMultiheadAttention: {name} must have shape {expected}, got {tuple(mask.shape)}")
+
+
+def _pad_keys(mask, extra):
+    """A torch-convention mask (.., S) with `extra` appended keys that every query may attend (.., S + extra)."""
+    return mask if mask is None or extra == 0 else F.pad(mask, (0, extra))
+
+
+def _top_left_causal(Lq, Lk, device):
+    """(attn_mask, causal) for torch's top-left causal pattern: fastlm's causal flag when it is the same
+    pattern (Lq == Lk; fastlm aligns bottom-right), else an explicit (Lq, Lk) bool mask, True = masked."""
+    if Lq == Lk:
+        return None, True
+    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).triu(1), False
+
+
+def _mask_bias(attn_mask, key_padding_mask, batch_heads, dtype):
+    """torch's masks as fastlm.attention arguments: (keep, bias, dead).
+
+    attn_mask (L, S) or (B*H, L, S) and key_padding_mask (B, S): bool with True = masked, or float
+    added to the scores. keep: (B, S) bool, True = attend, when a bool key_padding_mask is the only
+    mask; otherwise bias: the summed additive mask, broadcastable to (B, H, L, S), with -inf replaced
+    by the dtype's lowest finite value, and dead: where a query sees no key (torch returns zeros).
+    """
+    if attn_mask is None and key_padding_mask is None:
+        return None, None, None
+    if attn_mask is None and key_padding_mask.dtype == torch.bool:
+        return ~key_padding_mask, None, None
+    B, H = batch_heads
+    bias = 0.0
+    if attn_mask is not None:
+        bias = _additive(attn_mask, dtype, float("-inf"))
+        bias = bias.view(B, H, *bias.shape[1:]) if bias.dim() == 3 else bias  # (B*H, L, S) -> (B, H, L, S)
+    if key_padding_mask is not None:
+        bias = bias + _additive(key_padding_mask, dtype, float("-inf"))[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (.., L, 1)
+    return None, bias.clamp_min(torch.finfo(dtype).min), dead  # dead is not tested on the host: no sync
+
+
+def _additive(mask, dtype, fill=None):
+    """A boolean mask (True = masked out, torch's convention) as 0 / `fill` (default: the dtype's lowest
+    finite value), or an additive float mask as it is, in `dtype`."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, torch.finfo(dtype).min)
+        fill = torch.finfo(dtype).min if fill is None else fill
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, fill)
     return mask.to(dtype)
 
 
@@ -168,10 +289,51 @@ def hf_mask(
     )
 
 
-def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, **kwargs):
+# Keyword arguments of transformers' attention interface that fastlm may ignore: they don't change the
+# attention, or the mask from hf_mask already holds what they describe (sliding_window, packed
+# sequences), as for transformers' own sdpa path. Any other non-None argument runs the model's eager
+# attention.
+_HF_IGNORED = frozenset(
+    {
+        "cache_position",
+        "cu_seq_lens_k",
+        "cu_seq_lens_q",
+        "encoder_hidden_states",
+        "layer_idx",
+        "max_length_k",
+        "max_length_q",
+        "output_attentions",
+        "output_hidden_states",
+        "past_key_value",
+        "past_key_values",
+        "position_ids",
+        "return_dict",
+        "sliding_window",
+        "token_type_ids",
+        "use_cache",
+    }
+)
+
+
+def hf_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, is_causal=None, **kwargs
+):
     """transformers AttentionInterface entry for "fastlm": query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
-    as the model computed them (after RoPE, before any GQA repeat); returns ((B, Lq, Hq, D), None)."""
-    causal = bool(getattr(module, "is_causal", False)) and getattr(getattr(module, "config", None), "is_causal", True)
+    as the model computed them (after RoPE, before any GQA repeat); attention_mask from hf_mask (a (B, Lk)
+    bool key-padding mask, True = attend, or a dense 4-D mask) or None; returns ((B, Lq, Hq, D), None).
+    dropout draws fastlm's own mask (the model's rate, not the same mask as transformers' eager path).
+
+    Calls that need what the fused kernel doesn't give — the attention weights (output_attentions=True)
+    or an argument it doesn't implement (attention sinks, logit soft-capping, ...) — run the model's own
+    eager attention instead, with a one-time warning, and return its weights.
+    """
+    causal = _hf_causal(module, is_causal)
+    reason = _hf_unsupported(kwargs)
+    if reason is not None:
+        kwargs.update(scaling=scaling, dropout=dropout)
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
+        return _hf_eager(module, query, key, value, _eager_mask(attention_mask, causal, query, key), reason, kwargs)
     padding = bias = rel_pos = None
     if attention_mask is not None and attention_mask.dim() == 2:
         padding = attention_mask  # (B, Lk) bool from hf_mask
@@ -199,6 +361,66 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
         scale=scaling,
     )
     return out.transpose(1, 2), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
+
+
+def _hf_causal(module, is_causal):
+    """Whether the attention is causal: the call's is_causal when given (as transformers' sdpa path
+    does), else the module's `is_causal` unless its config says otherwise."""
+    if is_causal is not None:
+        return bool(is_causal)
+    return bool(getattr(module, "is_causal", False)) and getattr(getattr(module, "config", None), "is_causal", True)
+
+
+def _hf_unsupported(kwargs):
+    """Why this attention call cannot run on the fused kernel, or None when it can."""
+    if kwargs.get("output_attentions") or _attention_weights_recorded():
+        return "output_attentions=True"
+    others = sorted(name for name, value in kwargs.items() if value is not None and name not in _HF_IGNORED)
+    return f"attention argument(s) {', '.join(others)}" if others else None
+
+
+def _attention_weights_recorded():
+    """Whether the running transformers forward records attention weights (output_attentions=True on a
+    model whose attention modules are hooked rather than told)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any(name.endswith("attentions") for name in collected)
+
+
+def _hf_eager(module, query, key, value, mask, reason, kwargs):
+    """The model's own eager attention (its modeling file's eager_attention_forward) for this call."""
+    source = type(module).__module__
+    eager = getattr(sys.modules.get(source), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"fastlm attention: {reason} is not served by the fused kernel and {source} has no "
+            "eager_attention_forward to fall back to; call fastlm.unpatch(model) for such calls"
+        )
+    _warn_once(
+        ("hf_attention", reason, source),
+        f"fastlm attention: {reason} is not served by the fused kernel; these calls run {source}'s "
+        "eager attention",
+    )
+    return eager(module, query, key, value, mask, **kwargs)
+
+
+def _eager_mask(attention_mask, causal, query, key):
+    """hf_mask's output as the additive float mask eager attention adds to its scores: (B or 1, 1, Lq, Lk)
+    in query's dtype, the dtype's lowest value where a key is hidden; None when nothing is hidden."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _additive(~attention_mask, query.dtype) if attention_mask.dtype == torch.bool else attention_mask
+    if attention_mask is None and not causal:
+        return None
+    Lq, Lk = query.shape[2], key.shape[2]
+    keep = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=query.device)
+    if causal:
+        keep = keep.tril(Lk - Lq)  # key j visible to query i iff j <= i + (Lk - Lq), as fastlm.attention
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :].bool()  # (B, Lk) -> (B, 1, Lq, Lk)
+    return _additive(~keep, query.dtype)
 
 
 def _register_hf():
@@ -256,6 +478,21 @@ def _loss_role(model):
         getattr(model, "lm_head", None), nn.Linear
     ):
         return "causal", "lm_head"
+    return None
+
+
+# Config fields of causal LMs that transform the head's logits before the loss (soft-capping, scaling):
+# the fused loss would skip them, so such models keep their own loss.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+
+
+def _logit_transform(model):
+    """The name of the config field by which `model` changes its logits before the loss, or None."""
+    config = getattr(model, "config", None)
+    for name, identity in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != identity:
+            return name
     return None
 
 
@@ -362,7 +599,10 @@ def patch(model, *, norms=True, attention=True, loss=True, verbose=False):
                 skipped.append(f"attention ({err})")
     if loss:
         role = _loss_role(model)
-        if role is not None:
+        transform = _logit_transform(model)
+        if role is not None and transform is not None:
+            skipped.append(f"loss of {type(model).__name__} (its config's {transform} changes the logits)")
+        elif role is not None:
             head, handles = _patch_loss(model, *role)
             state["heads"].append(head)
             state["hooks"].extend(handles)

@@ -2,6 +2,7 @@
 gradients as the unpatched model, proof that the fused ops ran, generate(), Trainer, unpatch."""
 
 import copy
+import sys
 import warnings
 
 import pytest
@@ -125,6 +126,7 @@ def assert_same(patched, original, inputs, *, train=True, logits=True):
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    return out, ref
 
 
 def patched_copy(model, **kwargs):
@@ -279,7 +281,7 @@ def test_plain_multihead_attention_sequence_first_with_mask():
     q, kv = torch.randn(5, 3, 16), torch.randn(7, 3, 16)
     causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
     expected, _ = mha(q, kv, kv, attn_mask=causal)
-    got, weights = patched(q, kv, kv, attn_mask=causal)
+    got, weights = patched(q, kv, kv, attn_mask=causal, need_weights=False)
     assert weights is None
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -343,3 +345,208 @@ def test_trainer_runs_a_few_steps_on_a_patched_model(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+# --------------------------------------------------------------------------- every nn.MultiheadAttention option
+B, L, S, E = 2, 5, 7, 16
+_KPM = torch.zeros(B, S, dtype=torch.bool)
+_KPM[1, 4:] = True  # torch's convention: True = ignore
+_DEAD = torch.rand(B * 2, L, S, generator=torch.Generator().manual_seed(4)) > 0.6
+_DEAD[1, 2] = True  # a query that may attend to no key: torch returns zeros there
+MHA_CASES = {
+    "seq-first-bool-padding": ({"batch_first": False}, {"key_padding_mask": _KPM}),
+    "float-padding-finite": ({}, {"key_padding_mask": torch.randn(B, S, generator=torch.Generator().manual_seed(5))}),
+    "float-padding-inf": ({}, {"key_padding_mask": torch.zeros(B, S).masked_fill(_KPM, float("-inf"))}),
+    "add-zero-attn": ({"add_zero_attn": True}, {"key_padding_mask": _KPM}),
+    "add-bias-kv": ({"add_bias_kv": True}, {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1)}),
+    "bias-kv-zero-attn-causal": (
+        {"add_bias_kv": True, "add_zero_attn": True},
+        {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1), "is_causal": True},
+    ),
+    "kdim-vdim-no-bias-3d-float": ({"kdim": 8, "vdim": 12, "bias": False}, {"attn_mask": torch.randn(B * 2, L, S)}),
+    "3d-bool-with-dead-rows-and-padding": ({}, {"attn_mask": _DEAD, "key_padding_mask": _KPM}),
+    "bool-padding-float-mask": ({}, {"attn_mask": torch.randn(L, S), "key_padding_mask": _KPM}),
+    "causal-hint-with-padding": ({}, {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(3), "is_causal": True,
+                                      "key_padding_mask": _KPM}),
+    "causal-hint-top-left": ({}, {"attn_mask": torch.zeros(L, S, dtype=torch.bool), "is_causal": True}),
+    "unbatched": ({"add_zero_attn": True}, {"key_padding_mask": _KPM[1], "attn_mask": _DEAD[:2]}),
+}
+
+
+def _mha_pair(ctor, train=False):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(E, 2, batch_first=ctor.pop("batch_first", True), **ctor).train(train)
+    if mha.bias_k is not None:
+        torch.nn.init.normal_(mha.bias_k), torch.nn.init.normal_(mha.bias_v)
+    return mha, patched_copy(mha)
+
+
+def _mha_inputs(mha, unbatched=False):
+    g = torch.Generator().manual_seed(6)
+    batch = () if unbatched else (B,)
+
+    def make(length, dim):
+        t = torch.randn(*batch, length, dim, generator=g)
+        return (t if mha.batch_first or unbatched else t.transpose(0, 1)).requires_grad_()
+
+    return make(L, E), make(S, mha.kdim), make(S, mha.vdim)
+
+
+def _mha_run(module, inputs, kwargs):
+    out, weights = module(*inputs, need_weights=False, **kwargs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad((out * weight).sum(), [*inputs, *module.parameters()])
+    return out, grads
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, on the reference
+@pytest.mark.parametrize("case", MHA_CASES)
+def test_multihead_attention_option_matches_torch(case):
+    """Each option of torch.nn.MultiheadAttention gives torch's output and gradients once patched (a float
+    key_padding_mask is added to the scores, add_zero_attn and add_bias_kv append their keys)."""
+    ctor, kwargs = MHA_CASES[case]
+    mha, patched = _mha_pair(dict(ctor))
+    assert isinstance(patched, FusedMultiheadAttention)
+    inputs = _mha_inputs(mha, unbatched=case == "unbatched")
+    before = count("attention")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path, no fallback
+        out, grads = _mha_run(patched, inputs, kwargs)
+    assert count("attention") > before
+    expected, expected_grads = _mha_run(mha, inputs, kwargs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which one-time fallback warnings this process already gave."""
+    monkeypatch.setattr(sys.modules["fastlm.patch"], "_WARNED", set())
+
+
+def test_multihead_attention_need_weights_runs_torch_with_one_warning(fresh_warnings):
+    mha, patched = _mha_pair({"batch_first": False})
+    inputs = _mha_inputs(mha)
+    expected = mha(*inputs, key_padding_mask=_KPM, average_attn_weights=False)
+    with pytest.warns(UserWarning, match="need_weights=True"):
+        got = patched(*inputs, key_padding_mask=_KPM, average_attn_weights=False)
+    torch.testing.assert_close(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        patched(*inputs)
+
+
+def test_multihead_attention_is_causal_needs_a_mask_as_in_torch():
+    mha, patched = _mha_pair({})
+    inputs = _mha_inputs(mha)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        mha(*inputs, need_weights=False, is_causal=True)
+    with pytest.raises(RuntimeError, match="is_causal=True needs attn_mask"):
+        patched(*inputs, need_weights=False, is_causal=True)
+
+
+def test_multihead_attention_dropout_follows_the_module_and_its_mode():
+    mha, patched = _mha_pair({"dropout": 0.5})
+    inputs = _mha_inputs(mha)
+    expected, _ = mha(*inputs, need_weights=False)
+    torch.testing.assert_close(patched(*inputs, need_weights=False)[0], expected, atol=1e-5, rtol=1e-5)
+    patched.train()
+    torch.manual_seed(8)
+    first, _ = patched(*inputs, need_weights=False)
+    torch.manual_seed(8)
+    again, _ = patched(*inputs, need_weights=False)
+    torch.testing.assert_close(first, again)
+    assert (first - expected).abs().max() > 1e-2, "training mode must apply dropout"
+    patched.dropout = 0.0
+    torch.testing.assert_close(patched(*inputs, need_weights=False)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- Hugging Face attention options
+HF_MODELS = {
+    "bert": (transformers.BertForMaskedLM, bert_config),
+    "gpt2": (transformers.GPT2LMHeadModel, gpt2_config),
+    "t5": (transformers.T5ForConditionalGeneration, lambda: t5_config(False)),
+    "llama": (transformers.LlamaForCausalLM, llama_config),
+}
+
+
+def _attentions(output):
+    """Every attention-weight tuple a model output carries, in a fixed order."""
+    names = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+    return [w for name in names for w in (getattr(output, name, None) or ())]
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_output_attentions_runs_the_eager_attention_with_one_warning(name, fresh_warnings):
+    """output_attentions=True needs the weights, which the fused kernel never forms: the patched model runs
+    its own eager attention for that call (same weights, logits, gradients) and says so once."""
+    cls, config = HF_MODELS[name]
+    model = build(cls, config())
+    patched = patched_copy(model)
+    ids, mask = padded_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    if name == "bert":
+        inputs["labels"] = mlm_labels(ids, mask)
+    if name == "t5":
+        inputs["labels"] = inputs["labels"][:, :7].contiguous()
+    with pytest.warns(UserWarning, match="output_attentions=True"):
+        out, ref = assert_same(patched, model, {**inputs, "output_attentions": True}, train=False)
+    got, expected = _attentions(out), _attentions(ref)
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        patched(**inputs, output_attentions=True)
+    if name != "t5":  # T5's fused path is slow on CPU and has its own test
+        before = count("attention")
+        patched(**inputs)  # without the weights: the fused kernel again
+        assert count("attention") > before
+
+
+def test_softcapping_runs_the_models_own_attention_and_loss(fresh_warnings):
+    """Gemma-2 soft-caps its attention scores (an attention argument fastlm.attention doesn't implement) and
+    its final logits (which the fused loss would skip): the patched model keeps its own code for both."""
+    config = llama_config(
+        transformers.Gemma2Config, head_dim=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0
+    )
+    model = build(transformers.Gemma2ForCausalLM, config)
+    with pytest.warns(UserWarning, match="final_logit_softcapping changes the logits"):
+        patched = fastlm.patch(copy.deepcopy(model))
+    ids, mask = padded_batch()
+    with pytest.warns(UserWarning, match="attention argument.* softcap"):
+        assert_same(patched, model, {"input_ids": ids, "attention_mask": mask, "labels": ids}, train=False)
+
+
+def test_hf_attention_takes_is_causal_from_the_call():
+    """Models that pass is_causal (cross-attention, encoders) override the module's attribute, as in
+    transformers' own sdpa path."""
+    from fastlm.patch import hf_attention
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for is_causal in (False, True):
+        got, _ = hf_attention(module, q, k, v, None, is_causal=is_causal)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"key_padding_mask": torch.zeros(1, S)}, ValueError, r"key_padding_mask must have shape \(2, 7\)"),
+        ({"attn_mask": torch.zeros(B, L, S, dtype=torch.bool)}, ValueError, r"attn_mask must have shape \(5, 7\) or"),
+        ({"attn_mask": torch.zeros(L, S, dtype=torch.long)}, TypeError, "attn_mask must be bool or floating-point"),
+    ],
+    ids=["broadcastable-padding", "3d-mask-per-batch-only", "integer-mask"],
+)
+def test_multihead_attention_refuses_masks_torch_refuses(kwargs, error, match):
+    """Masks torch.nn.MultiheadAttention rejects are rejected with the argument named, never broadcast."""
+    mha, patched = _mha_pair({})
+    inputs = _mha_inputs(mha)
+    with pytest.raises((AssertionError, RuntimeError)):
+        mha(*inputs, need_weights=False, **kwargs)
+    with pytest.raises(error, match=match):
+        patched(*inputs, need_weights=False, **kwargs)

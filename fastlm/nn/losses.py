@@ -21,6 +21,11 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
 
     def forward(self, logits, labels):
+        """logits: (N, V), (..., V), or torch's (N, V, d1, ...) when labels are (N, d1, ...); float32 /
+        float16 / bfloat16 (float64 runs on the reference backend). labels: (N,) or (...), int64 or
+        int32, class indices or ignore_index. Returns the float32 loss (float64 for float64 logits): a
+        scalar, or labels' shape with reduction="none".
+        """
         if (
             isinstance(logits, torch.Tensor)
             and logits.dim() > 2
@@ -60,6 +65,10 @@ class LinearCrossEntropyLoss(nn.Module):
         self.capacity = capacity
 
     def forward(self, hidden, weight, labels, bias=None):
+        """hidden: (..., D) float32 / float16 / bfloat16; weight: (V, D) and bias: (V,) or None, the LM
+        head's, in hidden's dtype; labels: (...) int64 or int32, class indices or ignore_index. Returns
+        the float32 loss: a scalar, or labels' shape with reduction="none".
+        """
         return linear_cross_entropy(
             hidden,
             weight,

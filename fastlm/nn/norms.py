@@ -34,6 +34,10 @@ class LayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x, residual=None, return_residual=False):
+        """x: (..., N) float32 / float16 / bfloat16 (float64 runs on the reference backend), N =
+        normalized_shape; residual: None or (..., N) like x, then s = x + residual is normalised.
+        Returns y (..., N) in x's dtype, or (y, s) with return_residual (s is x when residual is None).
+        """
         return layer_norm(x, self.weight, self.bias, self.eps, residual, return_residual=return_residual)
 
     def extra_repr(self):
@@ -62,6 +66,10 @@ class RMSNorm(nn.Module):
         return self.variance_epsilon
 
     def forward(self, x, residual=None, return_residual=False):
+        """x: (..., N) float32 / float16 / bfloat16 (float64 runs on the reference backend), N =
+        hidden_size; residual: None or (..., N) like x, then s = x + residual is normalised.
+        Returns y (..., N) in x's dtype, or (y, s) with return_residual (s is x when residual is None).
+        """
         return rms_norm(x, self.weight, self.variance_epsilon, residual, return_residual=return_residual)
 
     def extra_repr(self):

@@ -96,3 +96,40 @@ def test_torch_compile_fullgraph(kernel):
         (grad,) = torch.autograd.grad(out.sum(), module.relative_attention_bias.weight)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_key_keep_mask_is_true_to_attend_and_its_former_name_still_works():
+    """key_keep_mask (True = attend) names fastlm's convention; key_padding_mask= keeps working with the same
+    meaning (a DeprecationWarning), and passing both, or an unknown keyword, is a TypeError."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 2)
+    x = torch.randn(2, 7, 32)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 4:] = False
+    out = mha(x, key_keep_mask=keep)
+    ref, _ = _torch_mha(mha).cpu()(x, x, x, key_padding_mask=~keep, need_weights=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.warns(DeprecationWarning, match="key_padding_mask= is now called key_keep_mask="):
+        torch.testing.assert_close(mha(x, key_padding_mask=keep), out)
+    with pytest.raises(TypeError, match="key_keep_mask= only"):
+        mha(x, key_keep_mask=keep, key_padding_mask=keep)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*attn_mask"):
+        mha(x, attn_mask=keep)
+
+
+def test_dropout_p_names_the_rate_and_dropout_still_works():
+    """dropout_p, as in fastlm.attention; dropout= (constructor) and .dropout (attribute) keep working."""
+    with pytest.warns(DeprecationWarning, match="dropout= is now called dropout_p="):
+        old = MultiHeadAttention(32, 2, dropout=0.25)
+    assert old.dropout_p == old.dropout == 0.25
+    old.dropout = 0.5
+    assert old.dropout_p == 0.5
+    with pytest.raises(TypeError, match="dropout_p= only"):
+        MultiHeadAttention(32, 2, dropout_p=0.1, dropout=0.1)
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 2, dropout_p=0.5)
+    x = torch.randn(2, 7, 32)
+    expected = mha.eval()(x)
+    assert (mha.train()(x) - expected).abs().max() > 1e-2, "training mode applies dropout_p"
+    mha.dropout_p = 0.0
+    torch.testing.assert_close(mha(x), expected)
