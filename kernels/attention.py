@@ -33,6 +33,8 @@ is the executable statement of them):
   the same mask from the same seed.
 """
 
+import collections
+
 import torch
 import triton
 import triton.language as tl
@@ -40,53 +42,99 @@ import triton.language as tl
 from ..backends import empty
 from .launch import on_device, tuned
 
+# The compile-time options of every kernel, passed as one constexpr argument (OPT).
+Options = collections.namedtuple(
+    "Options",
+    "HEAD_DIM BLOCK_D BLOCK_M BLOCK_N CAUSAL HAS_MASK HAS_BIAS HAS_RELPOS REL_W DROPOUT PRECISION",
+)
+# The optional inputs of the scores, passed as one runtime argument (terms): each tensor (a dummy when
+# absent) with its strides. A new score term is a field here, a flag in Options and a few lines in _scores.
+ScoreTerms = collections.namedtuple(
+    "ScoreTerms",
+    "bias bias_strides mask mask_strides kv_len table table_strides bucket",
+)
+
 
 @triton.jit
-def _tile(base, b, h, sb, sh, offs_r, sr, offs_d, sd):
-    """Pointers to the (rows, BLOCK_D) tile of (b, h): base + b*sb + h*sh + r*sr + d*sd, 64-bit offsets."""
-    return base + b.to(tl.int64) * sb + h.to(tl.int64) * sh + offs_r[:, None] * sr + offs_d[None, :] * sd
+def _head(base, strides, b, h):
+    """`base` moved to head (b, h) of a (B, H, L, D) tensor with `strides` (64-bit offsets)."""
+    return base + b.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[1]
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-            BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-            HAS_RELPOS: tl.constexpr, REL_W: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in base 2 (natural scores times log2(e)), -inf where masked."""
+def _tile(head, strides, offs_r, offs_c):
+    """Pointers to the (rows, cols) tile of one head (from _head): head + r * strides[2] + c * strides[3]."""
+    return head + offs_r[:, None] * strides[2] + offs_c[None, :] * strides[3]
+
+
+@triton.jit
+def _tile_t(head, strides, offs_r, offs_c):
+    """Pointers to the transposed (cols, rows) tile of one head (from _head)."""
+    return head + offs_r[None, :] * strides[2] + offs_c[:, None] * strides[3]
+
+
+@triton.jit
+def _terms_at(terms, b, h):
+    """`terms` with the bias moved to head (b, h) and the key padding mask to sequence b."""
+    return ScoreTerms(_head(terms.bias, terms.bias_strides, b, h), terms.bias_strides,
+                      terms.mask + b.to(tl.int64) * terms.mask_strides[0], terms.mask_strides,
+                      terms.kv_len, terms.table, terms.table_strides, terms.bucket)
+
+
+@triton.jit
+def _program(H, OPT: tl.constexpr, BLOCK: tl.constexpr):
+    """Where this program works, on a grid (row tiles of BLOCK, B * H): its batch b, head h, first row,
+    row offsets (BLOCK,), head-dim offsets (BLOCK_D,) and their in-bounds mask."""
+    BLOCK_D: tl.constexpr = OPT.BLOCK_D
+    pid_bh = tl.program_id(1)
+    start = tl.program_id(0) * BLOCK
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh // H, pid_bh % H, start, start + tl.arange(0, BLOCK), offs_d, offs_d < OPT.HEAD_DIM
+
+
+@triton.jit
+def _scores(qk, terms, h, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale, OPT: tl.constexpr,
+            CAUSAL: tl.constexpr):
+    """Scores of one (BLOCK_M, BLOCK_N) tile of query head h in base 2 (natural scores times log2(e)),
+    -inf where masked; `terms` are at the tile's head (_terms_at). `CAUSAL` is OPT.CAUSAL, or False for
+    tiles that lie wholly below the diagonal."""
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
+    REL_W: tl.constexpr = OPT.REL_W
     LOG2E: tl.constexpr = 1.4426950408889634
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     s = qk * (sm_scale * LOG2E)
-    if HAS_BIAS:
-        bias = tl.load(BIAS_BH + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=inb, other=0.0)
+    if OPT.HAS_BIAS:
+        bias = tl.load(_tile(terms.bias, terms.bias_strides, offs_m, offs_n), mask=inb, other=0.0)
         s += bias.to(tl.float32) * LOG2E
-    if HAS_RELPOS:
+    if OPT.HAS_RELPOS:
         # the tile's diagonals j - i + Lq - 1 are d0 + t, t in [0, BLOCK_M + BLOCK_N - 1)
         d0 = start_n - start_m - (BLOCK_M - 1) + Lq - 1
         offs_t = d0 + tl.arange(0, REL_W)
         t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
-        bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=0)
-        rel = tl.load(TABLE + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32) * LOG2E  # (REL_W,)
+        bucket = tl.load(terms.bucket + offs_t, mask=t_ok, other=0)
+        sth, stb = terms.table_strides
+        rel = tl.load(terms.table + h * sth + bucket * stb, mask=t_ok, other=0.0).to(tl.float32) * LOG2E  # (REL_W,)
         rel_tile = tl.broadcast_to(rel[None, :], (BLOCK_M, REL_W))
         diag = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None] + (BLOCK_M - 1)
         s += tl.gather(rel_tile, diag, 1)  # (BLOCK_M, BLOCK_N)
     valid = inb
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
-    if HAS_MASK:
-        keep = tl.load(MASK_B + offs_n * smn, mask=offs_n < Lk, other=0)
+    if OPT.HAS_MASK:
+        keep = tl.load(terms.mask + offs_n * terms.mask_strides[1], mask=offs_n < Lk, other=0)
         valid = valid & (keep != 0)[None, :]
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
-def _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+def _key_end(terms, b, start_m, Lq, Lk, OPT: tl.constexpr):
     """End of the keys a Q tile can see: causal cuts at the diagonal, padding after the last kept key."""
     hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + Lk - Lq, 0))
-    if HAS_MASK:
-        hi = tl.minimum(hi, tl.load(KV_LEN + b))
+    if OPT.CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + OPT.BLOCK_M + Lk - Lq, 0))
+    if OPT.HAS_MASK:
+        hi = tl.minimum(hi, tl.load(terms.kv_len + b))
     return hi
 
 
@@ -99,171 +147,140 @@ def _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, lo, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
-               K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
-               REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_stats(LSE, DELTA, row_bh, offs_m, m_ok):
+    """Forward's LSE in base 2 (+inf for rows that saw no key, so their probabilities are 0) and Delta."""
+    lse = tl.load(LSE + row_bh + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return lse2, tl.load(DELTA + row_bh + offs_m, mask=m_ok, other=0.0)
+
+
+@triton.jit
+def _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale,
+                  dropout_p, seed, OPT: tl.constexpr):
+    """Backward of one tile from qk = Q · Kᵀ (BLOCK_M, BLOCK_N) fp32, dO (BLOCK_M, BLOCK_D) and Vᵀ
+    (BLOCK_D, BLOCK_N): the dropped-out probabilities P·keep/(1-p) (what multiplied V) and
+    dS = P ∘ (dP·keep/(1-p) − Delta) with dP = dO · Vᵀ, both (BLOCK_M, BLOCK_N) fp32."""
+    s = _scores(qk, terms, h, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale, OPT, OPT.CAUSAL)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vt, input_precision=OPT.PRECISION)  # after P: fewer tiles live at once
+    p_drop = p
+    if OPT.DROPOUT:
+        keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_drop = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    return p_drop, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, lo, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok, start_m,
+               Lq, Lk, sm_scale, dropout_p, seed, OPT: tl.constexpr, CAUSAL: tl.constexpr):
     """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i)."""
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
+        kt = tl.load(_tile_t(K_H, sk, offs_n, offs_d), mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+        qk = tl.dot(q, kt, input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        s = _scores(qk, terms, h, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale, OPT, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
+        if OPT.DROPOUT:
             p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
-        v = tl.load(V_BH + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        v = tl.load(_tile(V_H, sv, offs_n, offs_d), mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=OPT.PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, Out, LSE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
-    Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
-    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
+def _fwd_kernel(Q, K, V, Out, LSE, sq, sk, sv, so, terms, Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
+                OPT: tl.constexpr):
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
+    BLOCK_D: tl.constexpr = OPT.BLOCK_D
+    b, h, start_m, offs_m, offs_d, d_ok = _program(Hq, OPT, BLOCK_M)
+    K_H = _head(K, sk, b, h // GROUP)
+    V_H = _head(V, sv, b, h // GROUP)
+    terms = _terms_at(terms, b, h)
     md_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
-    K_BH = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    V_BH = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    MASK_B = MASK + b.to(tl.int64) * smb
+    q = tl.load(_tile(_head(Q, sq, b, h), sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M)
+    hi = _key_end(terms, b, start_m, Lq, Lk, OPT)
     mid = 0
-    if CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
+    if OPT.CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
         mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, q, 0, mid, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
-            K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-            False, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
-        )
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, q, mid, hi, offs_m, offs_d, d_ok, start_m, b, h, Hq, Lq, Lk, sm_scale, dropout_p, seed,
-        K_BH, skn, skd, V_BH, svn, svd, BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
-    )
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, 0, mid, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
+                                   start_m, Lq, Lk, sm_scale, dropout_p, seed, OPT, False)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, mid, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
+                               start_m, Lq, Lk, sm_scale, dropout_p, seed, OPT, OPT.CAUSAL)
 
     empty = l_i == 0.0  # no visible key: zeros, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    if DROPOUT:
+    if OPT.DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    tl.store(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), out.to(Out.dtype.element_ty), mask=md_ok)
+    tl.store(_tile(_head(Out, so, b, h), so, offs_m, offs_d), out.to(Out.dtype.element_ty), mask=md_ok)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)  # row b * Hq + h
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, Hq, Lq,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(_tile(Out, b, h, sob, soh, offs_m, som, offs_d, sod), mask=ok, other=0.0)
-    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=ok, other=0.0)
+def _bwd_preprocess_kernel(Out, DO, DELTA, so, sdo, Hq, Lq, OPT: tl.constexpr):
+    b, h, _, offs_m, offs_d, d_ok = _program(Hq, OPT, OPT.BLOCK_M)
+    ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    o = tl.load(_tile(_head(Out, so, b, h), so, offs_m, offs_d), mask=ok, other=0.0)
+    do = tl.load(_tile(_head(DO, sdo, b, h), sdo, offs_m, offs_d), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + tl.program_id(1).to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)  # row b * Hq + h
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, BIAS, MASK, KV_LEN, TABLE, BUCKET,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
-    Hq, Hkv, Lq, Lk, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
-    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, sq, sk, sv, sdo, sdk, sdv, terms,
+                     Hq, Hkv, Lq, Lk, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed, OPT: tl.constexpr,
+                     WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr):
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
+    BLOCK_D: tl.constexpr = OPT.BLOCK_D
+    REL_W: tl.constexpr = OPT.REL_W
+    b, hk, start_n, offs_n, offs_d, d_ok = _program(Hkv, OPT, BLOCK_N)
     nd_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-    k = tl.load(_tile(K, b, hk, skb, skh, offs_n, skn, offs_d, skd), mask=nd_ok, other=0.0)  # (BN, BD)
-    v = tl.load(_tile(V, b, hk, svb, svh, offs_n, svn, offs_d, svd), mask=nd_ok, other=0.0)  # (BN, BD)
-    MASK_B = MASK + b.to(tl.int64) * smb
+    k = tl.load(_tile(_head(K, sk, b, hk), sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
+    v = tl.load(_tile(_head(V, sv, b, hk), sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = 0
-    if CAUSAL:  # first query that sees key start_n
+    if OPT.CAUSAL:  # first query that sees key start_n
         lo = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
     hi = Lq
-    if HAS_MASK:  # no query sees a tile after the last kept key: dK = dV = 0
-        hi = tl.where(start_n < tl.load(KV_LEN + b), Lq, lo)
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    if OPT.HAS_MASK:  # no query sees a tile after the last kept key: dK = dV = 0
+        hi = tl.where(start_n < tl.load(terms.kv_len + b), Lq, lo)
     for g in range(GROUP):
         h = hk * GROUP + g
-        Q_BH = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        DO_BH = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-        BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-        ROW_BH = (b * Hq + h).to(tl.int64) * Lq
+        row_bh = (b * Hq + h).to(tl.int64) * Lq
+        Q_H = _head(Q, sq, b, h)
+        DO_H = _head(DO, sdo, b, h)
+        terms_h = _terms_at(terms, b, h)
         dtable = tl.zeros((BLOCK_NB,), tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Lq
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q_BH + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-            do = tl.load(DO_BH + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md_ok, other=0.0)
-            lse = tl.load(LSE + ROW_BH + offs_m, mask=m_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + ROW_BH + offs_m, mask=m_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-            s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-                        BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-                        CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
-            p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-            if DROPOUT:
-                keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
-                p_drop = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])  # dL/ds, (BLOCK_M, BLOCK_N) fp32
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            q = tl.load(_tile(Q_H, sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+            do = tl.load(_tile(DO_H, sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+            lse2, delta = _row_stats(LSE, DELTA, row_bh, offs_m, m_ok)
+            qk = tl.dot(q, tl.trans(k), input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
+            p_drop, ds = _probs_and_ds(qk, do, tl.trans(v), lse2, delta, terms_h, b, h, Hq, offs_m, offs_n,
+                                       start_m, start_n, Lq, Lk, sm_scale, dropout_p, seed, OPT)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=OPT.PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=OPT.PRECISION)
             if WRITE_DBIAS:
-                tl.store(DBIAS + (ROW_BH + offs_m[:, None]) * Lk + offs_n[None, :], ds,
+                tl.store(DBIAS + (row_bh + offs_m[:, None]) * Lk + offs_n[None, :], ds,
                          mask=m_ok[:, None] & (offs_n[None, :] < Lk))
             if WRITE_DTABLE:
                 # skew: row i of ds shifted right by (BLOCK_M - 1 - i), so column t holds diagonal t
@@ -274,73 +291,47 @@ def _bwd_dkdv_kernel(
                 diag_sum = tl.sum(tl.where(src_ok, skewed, 0.0), 0)  # (REL_W,)
                 offs_t = start_n - start_m - (BLOCK_M - 1) + Lq - 1 + tl.arange(0, REL_W)
                 t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
-                bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=-1)
+                bucket = tl.load(terms.bucket + offs_t, mask=t_ok, other=-1)
                 onehot = bucket[:, None] == tl.arange(0, BLOCK_NB)[None, :]  # (REL_W, BLOCK_NB)
                 dtable += tl.sum(tl.where(onehot, diag_sum[:, None], 0.0), 0)
         if WRITE_DTABLE:
             offs_nb = tl.arange(0, BLOCK_NB)
-            row = ((b * Hq + h).to(tl.int64) * tl.num_programs(0) + pid_n) * NUM_BUCKETS
+            row = ((b * Hq + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * NUM_BUCKETS
             tl.store(DTABLE + row + offs_nb, dtable, mask=offs_nb < NUM_BUCKETS)
 
     dk = dk * sm_scale
-    tl.store(_tile(DK, b, hk, sdkb, sdkh, offs_n, sdkn, offs_d, sdkd), dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(_tile(DV, b, hk, sdvb, sdvh, offs_n, sdvn, offs_d, sdvd), dv.to(DV.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(_head(DK, sdk, b, hk), sdk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(_head(DV, sdv, b, hk), sdv, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS, MASK, KV_LEN, TABLE, BUCKET,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
-    sdqb, sdqh, sdqm, sdqd,
-    sbb, sbh, sbm, sbn, smb, smn, sth, stb,
-    Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RELPOS: tl.constexpr,
-    REL_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, terms, Hq, Lq, Lk, GROUP, sm_scale,
+                   dropout_p, seed, OPT: tl.constexpr):
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
+    BLOCK_D: tl.constexpr = OPT.BLOCK_D
+    b, h, start_m, offs_m, offs_d, d_ok = _program(Hq, OPT, BLOCK_M)
+    K_H = _head(K, sk, b, h // GROUP)
+    V_H = _head(V, sv, b, h // GROUP)
     m_ok = offs_m < Lq
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(_tile(Q, b, h, sqb, sqh, offs_m, sqm, offs_d, sqd), mask=md_ok, other=0.0)  # (BM, BD)
-    do = tl.load(_tile(DO, b, h, sdob, sdoh, offs_m, sdom, offs_d, sdod), mask=md_ok, other=0.0)
-    ROW_BH = pid_bh.to(tl.int64) * Lq
-    lse = tl.load(LSE + ROW_BH + offs_m, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + ROW_BH + offs_m, mask=m_ok, other=0.0)
-    K_BH = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    V_BH = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    BIAS_BH = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-    MASK_B = MASK + b.to(tl.int64) * smb
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    q = tl.load(_tile(_head(Q, sq, b, h), sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+    do = tl.load(_tile(_head(DO, sdo, b, h), sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+    lse2, delta = _row_stats(LSE, DELTA, tl.program_id(1).to(tl.int64) * Lq, offs_m, m_ok)  # row b * Hq + h
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start_n in range(0, _key_end(b, start_m, Lq, Lk, KV_LEN, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
+    hi = _key_end(terms, b, start_m, Lq, Lk, OPT)
+    terms = _terms_at(terms, b, h)
+    for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        kt = tl.load(K_BH + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        vt = tl.load(V_BH + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        s = _scores(qk, offs_m, offs_n, start_m, start_n, h, Lq, Lk, sm_scale,
-                    BIAS_BH, sbm, sbn, MASK_B, smn, TABLE, sth, stb, BUCKET,
-                    CAUSAL, HAS_MASK, HAS_BIAS, HAS_RELPOS, REL_W, BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        if DROPOUT:
-            keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        nd_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
+        kt = tl.load(_tile_t(K_H, sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
+        vt = tl.load(_tile_t(V_H, sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
+        _, ds = _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, start_m, start_n,
+                              Lq, Lk, sm_scale, dropout_p, seed, OPT)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=OPT.PRECISION)
     dq = dq * sm_scale
-    tl.store(_tile(DQ, b, h, sdqb, sdqh, offs_m, sdqm, offs_d, sdqd), dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(_tile(_head(DQ, sdq, b, h), sdq, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 def _config(q, backward, has_score_bias):
@@ -375,39 +366,42 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _flags(q, causal, bias, mask, table, dropout_p, backward):
-    """Compile-time flags and launch options shared by the kernels; returns (block_m, block_n, flags)."""
+def _options(q, causal, bias, mask, table, dropout_p, backward):
+    """The kernels' compile-time Options and launch options ({"num_warps", "num_stages"}) for these inputs."""
     D = q.shape[-1]
     block_m, block_n, num_warps, num_stages = _config(q, backward, bias is not None or table is not None)
-    flags = {
-        "HEAD_DIM": D, "BLOCK_D": _block_d(D), "BLOCK_M": block_m, "BLOCK_N": block_n,
-        "CAUSAL": causal, "HAS_MASK": mask is not None, "HAS_BIAS": bias is not None,
-        "HAS_RELPOS": table is not None, "REL_W": triton.next_power_of_2(block_m + block_n - 1),
-        "DROPOUT": dropout_p > 0.0, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": num_warps, "num_stages": num_stages,
-    }
-    return block_m, block_n, flags
+    options = Options(
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, HAS_RELPOS=table is not None,
+        REL_W=triton.next_power_of_2(block_m + block_n - 1), DROPOUT=dropout_p > 0.0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return options, {"num_warps": num_warps, "num_stages": num_stages}
 
 
-def _extras(q, bias, mask, table, bucket):
-    """Pointers and strides of the optional inputs; a dummy tensor stands in for absent ones. With a
+def _score_terms(q, bias, mask, table, bucket):
+    """The ScoreTerms of these inputs; a dummy tensor with zero strides stands in for absent ones. With a
     mask, kv_len (B,) int32 is one past the last kept key of each sequence: tiles after it are skipped."""
     dummy = q.new_empty(1)
-    kv_len = None
+    kv_len = dummy
     if mask is not None:
         positions = torch.arange(1, mask.shape[1] + 1, dtype=torch.int32, device=mask.device)  # (Lk,)
         kv_len = torch.where(mask, positions, 0).amax(dim=1)  # (B,)
-    bias_strides = (0, 0, 0, 0) if bias is None else bias.stride()
-    mask_strides = (0, 0) if mask is None else mask.stride()
-    table_strides = (0, 0) if table is None else (table.stride(1), table.stride(0))
-    ptrs = (
-        dummy if bias is None else bias,
-        dummy if mask is None else mask.view(torch.uint8),
-        dummy if kv_len is None else kv_len,
-        dummy if table is None else table,
-        dummy if bucket is None else bucket,
+    return ScoreTerms(
+        bias=dummy if bias is None else bias,
+        bias_strides=(0, 0, 0, 0) if bias is None else bias.stride(),
+        mask=dummy if mask is None else mask.view(torch.uint8),
+        mask_strides=(0, 0) if mask is None else mask.stride(),
+        kv_len=kv_len,
+        table=dummy if table is None else table,
+        table_strides=(0, 0) if table is None else (table.stride(1), table.stride(0)),
+        bucket=dummy if bucket is None else bucket,
     )
-    return ptrs, (*bias_strides, *mask_strides, *table_strides)
+
+
+def _seed(seed, dropout_p):
+    """The dropout seed as the int the kernels take (0 without dropout: no host sync then)."""
+    return int(seed.item()) if dropout_p > 0.0 else 0
 
 
 def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p):
@@ -423,13 +417,12 @@ def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropo
     lse = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
     if o.numel() == 0 or Lk == 0:  # no key at all: zeros
         return o.zero_(), lse.fill_(float("-inf"))
-    block_m, _, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=False)
-    ptrs, strides = _extras(q, bias, mask, table, bucket)
+    opt, launch = _options(q, causal, bias, mask, table, dropout_p, backward=False)
+    terms = _score_terms(q, bias, mask, table, bucket)
     with on_device(q):
-        _fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-            q, k, v, o, lse, *ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *strides,
-            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, int(seed.item()) if dropout_p > 0.0 else 0, **flags,
+        _fwd_kernel[(triton.cdiv(Lq, opt.BLOCK_M), B * Hq)](
+            q, k, v, o, lse, q.stride(), k.stride(), v.stride(), o.stride(), terms,
+            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, _seed(seed, dropout_p), OPT=opt, **launch,
         )
     return o, lse
 
@@ -454,31 +447,29 @@ def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, 
     if dq.numel() == 0 or dk.numel() == 0:
         dtable = torch.zeros((num_buckets, Hq) if need_dtable else (0,), dtype=torch.float32, device=q.device)
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable
-    block_m, block_n, flags = _flags(q, causal, bias, mask, table, dropout_p, backward=True)
-    ptrs, strides = _extras(q, bias, mask, table, bucket)
-    seed = int(seed.item()) if dropout_p > 0.0 else 0
+    opt, launch = _options(q, causal, bias, mask, table, dropout_p, backward=True)
+    terms = _score_terms(q, bias, mask, table, bucket)
+    seed = _seed(seed, dropout_p)
     delta = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    n_kblocks = triton.cdiv(Lk, block_n)
+    n_kblocks = triton.cdiv(Lk, opt.BLOCK_N)
     dtable = empty((B, Hq, n_kblocks, num_buckets) if need_dtable else (0,), dtype=torch.float32,
                    device=q.device)  # (B, Hq, nK, NB): one partial per dK/dV program and query head
     dummy = q.new_empty(1)
+    strides = (q.stride(), k.stride(), v.stride(), do.stride())
     with on_device(q):
-        _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-            o, do, delta, *o.stride(), *do.stride(), Hq, Lq,
-            HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block_m,
+        _bwd_preprocess_kernel[(triton.cdiv(Lq, opt.BLOCK_M), B * Hq)](
+            o, do, delta, o.stride(), do.stride(), Hq, Lq, OPT=opt,
         )
         _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv,
-            dbias if need_dbias else dummy, dtable if need_dtable else dummy, *ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
-            Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed,
+            q, k, v, do, lse, delta, dk, dv, dbias if need_dbias else dummy, dtable if need_dtable else dummy,
+            *strides, dk.stride(), dv.stride(), terms,
+            Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed, OPT=opt,
             WRITE_DBIAS=need_dbias, WRITE_DTABLE=need_dtable,
-            BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **flags,
+            BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **launch,
         )
-        _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-            q, k, v, do, lse, delta, dq, *ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, **flags,
+        _bwd_dq_kernel[(triton.cdiv(Lq, opt.BLOCK_M), B * Hq)](
+            q, k, v, do, lse, delta, dq, *strides, dq.stride(), terms,
+            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, OPT=opt, **launch,
         )
     if need_dtable:
         dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)

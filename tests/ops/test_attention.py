@@ -338,34 +338,40 @@ from triton.compiler import ASTSource
 from fastlm.kernels import attention as A
 
 dtype, D, features = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "BIAS"}
-fp32_pointers = {"LSE", "DELTA", "DBIAS", "DTABLE", "TABLE"}
-int_pointers = {"MASK": "*u8", "KV_LEN": "*i32", "BUCKET": "*i32"}
+ty = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+fp32_pointers = {"LSE", "DELTA", "DBIAS", "DTABLE"}
+scalars = {"sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+strides = ("i32",) * 4
+terms = A.ScoreTerms(bias="*" + ty, bias_strides=strides, mask="*u8", mask_strides=("i32", "i32"),
+                     kv_len="*i32", table="*fp32", table_strides=("i32", "i32"), bucket="*i32")
 for backward in (False, True):
     q = torch.empty(1, 1, 1, D, dtype=getattr(torch, dtype), device="meta")
     bias = q if "bias" in features else None
     table = q if "relpos" in features else None
     mask = q if "mask" in features else None
-    block_m, _, flags = A._flags(q, "causal" in features, bias, mask, table, 0.1 * ("dropout" in features),
-                                 backward)
-    options = {"num_warps": flags.pop("num_warps"), "num_stages": flags.pop("num_stages")}
+    opt, options = A._options(q, "causal" in features, bias, mask, table, 0.1 * ("dropout" in features), backward)
     kernels = [A._bwd_dq_kernel, A._bwd_dkdv_kernel] if backward else [A._fwd_kernel]
     for kernel in kernels:
-        constexprs = dict(flags)
+        constexprs = {"OPT": opt}
         if kernel is A._bwd_dkdv_kernel:
             constexprs.update(WRITE_DBIAS=bias is not None, WRITE_DTABLE=table is not None, BLOCK_NB=32)
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
+            elif name == "terms":
+                signature[name] = terms
             elif name in pointers:
-                signature[name] = "*" + {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+                signature[name] = "*" + ty
             elif name in fp32_pointers:
                 signature[name] = "*fp32"
-            elif name in int_pointers:
-                signature[name] = int_pointers[name]
+            elif name in scalars:
+                signature[name] = scalars[name]
+            elif name.startswith("s"):  # sq, sk, ...: the (B, H, L, D) strides of a tensor
+                signature[name] = strides
             else:
-                signature[name] = {"sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
+                signature[name] = "i32"
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                                   options=options)
         print(kernel.__name__, dtype, D, features, "shared", compiled.metadata.shared)
