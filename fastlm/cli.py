@@ -28,7 +28,11 @@ _PRETRAIN_HELP = {
     "eval_batches": "held-out examples per evaluation, in global batches (at most 5%% of the data)",
     "save_every": "checkpoint every this many steps (default: --eval-every)",
     "keep": "checkpoints kept",
-    "resume": "continue from the newest checkpoint in OUT/checkpoints",
+    "resume": "continue from the newest readable checkpoint in OUT/checkpoints; --data, --seed, --batch-size, "
+    "--grad-accum, --seq-len, --vocab-size, --tokenizer(-chars), --max-chars, --eval-batches, --preset, --dropout "
+    "and the number of ranks must stay as saved; changed --steps, --lr, --weight-decay, --warmup, --min-lr-ratio, "
+    "--clip, --eval-every, --save-every, --keep are applied (and listed)",
+    "overwrite": "clear a used --out first (without it, a fresh run refuses a non-empty --out)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when there is one; under torchrun, cuda is LOCAL_RANK's GPU)",
     "progress": "show the progress bar",
 }
@@ -97,11 +101,16 @@ def main(argv=None):
         help="info: backends and versions; bench: benchmarks; pretrain / finetune: training runs",
     )
     if argv and argv[0] in ("pretrain", "finetune"):  # their own parsers, so that --help reaches them
+        from .train.validate import TrainingError
+
         try:
             (_pretrain if argv[0] == "pretrain" else _finetune)(argv[1:])
         except (ValueError, MissingDependency) as e:
             print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
             return 2
+        except TrainingError as e:
+            print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
         return 0
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
