@@ -24,7 +24,7 @@ from ..data.tokenizers import min_vocab_size
 from .checkpoint import latest_checkpoint, load_newest_good, prune_checkpoints, save_checkpoint
 from .plot import plot_history
 from .tasks import finish_metrics, get_task
-from .validate import TrainingError, check_float, check_int, check_out, clear_out
+from .validate import TrainingError, check_float, check_int, check_out, clear_out, flag
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -198,11 +198,7 @@ APPLIED_ON_RESUME = (
 )  # fmt: skip
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_resume(config, saved, world, path):
+def _check_resume(config, saved, world, path):
     """The changes of ``config`` against the run config ``saved`` in the checkpoint at ``path`` that resume
     applies, as a list of "--flag old -> new"; ValueError naming the flags whose change breaks exactness."""
     now = dataclasses.asdict(config)
@@ -210,12 +206,12 @@ def check_resume(config, saved, world, path):
     now["world"] = world
     broken = [k for k in (*FIXED_ON_RESUME, "world") if k in saved and saved[k] != now[k]]
     if broken:
-        changes = ", ".join(f"{'ranks' if k == 'world' else _flag(k)} ({saved[k]!r} -> {now[k]!r})" for k in broken)
+        changes = ", ".join(f"{'ranks' if k == 'world' else flag(k)} ({saved[k]!r} -> {now[k]!r})" for k in broken)
         raise ValueError(
             f"--resume: cannot change {changes}: the run in {path!r} was made with the saved values, which fix "
             f"its data, batches, tokenizer and model; pass them, or start a new run in another --out"
         )
-    return [f"{_flag(k)} {saved[k]!r} -> {now[k]!r}" for k in APPLIED_ON_RESUME if k in saved and saved[k] != now[k]]
+    return [f"{flag(k)} {saved[k]!r} -> {now[k]!r}" for k in APPLIED_ON_RESUME if k in saved and saved[k] != now[k]]
 
 
 @dataclasses.dataclass
@@ -269,7 +265,7 @@ def _set_up(config):
         path, state = load_newest_good(run.ckpt_dir, say=run.say)
         if state["step"] > config.steps:
             raise ValueError(f"--steps {config.steps} is below the step {state['step']} of {path!r}")
-        applied = check_resume(config, state.get("run", {}), ddp.world, path)
+        applied = _check_resume(config, state.get("run", {}), ddp.world, path)
         run.say(f"resuming from {path!r} at step {state['step']}")
         if applied:
             run.say("applying the changed " + ", ".join(applied))

@@ -5,7 +5,7 @@ import math
 import os
 import shutil
 
-__all__ = ["TrainingError", "check_float", "check_int", "check_out", "clear_out"]
+__all__ = ["TrainingError", "check_float", "check_int", "check_out", "clear_out", "flag"]
 
 
 class TrainingError(RuntimeError):
@@ -13,7 +13,8 @@ class TrainingError(RuntimeError):
     what was kept."""
 
 
-def _flag(name):
+def flag(name):
+    """The command-line flag of the config field ``name``: "--seq-len" for "seq_len"."""
     return "--" + name.replace("_", "-")
 
 
@@ -23,7 +24,7 @@ def check_int(name, value, lo, hi=None, *, optional=False):
         return
     bound = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{_flag(name)} must be {bound}, got {value!r}")
+        raise ValueError(f"{flag(name)} must be {bound}, got {value!r}")
 
 
 def check_float(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
@@ -39,7 +40,7 @@ def check_float(name, value, lo=None, hi=None, *, lo_open=False, hi_open=False):
     ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
     ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
     if not ok:
-        raise ValueError(f"{_flag(name)} must be {expected}, got {value!r}")
+        raise ValueError(f"{flag(name)} must be {expected}, got {value!r}")
 
 
 def check_out(out, *, resume, overwrite):
