@@ -131,7 +131,11 @@ def test_bad_records_name_the_file_and_line(tmp_path):
 
 
 def test_a_full_disk_keeps_the_previous_outputs(pretrained, task, tmp_path, monkeypatch):
-    (tmp_path / "model.safetensors").write_bytes(b"the previous run's model")
+    few = tmp_path / "few.csv"
+    few.write_text("\n".join((task / "train.csv").read_text().splitlines()[:9]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous run's model")
 
     def full_disk(self, directory):
         with open(os.path.join(directory, "model.safetensors"), "wb") as f:
@@ -140,6 +144,6 @@ def test_a_full_disk_keeps_the_previous_outputs(pretrained, task, tmp_path, monk
 
     monkeypatch.setattr(BertForSequenceClassification, "save_pretrained", full_disk)
     with pytest.raises(TrainingError, match="No space left on device.*intact"):
-        finetune(_config(pretrained, task, tmp_path, epochs=1))
-    assert os.listdir(tmp_path) == ["model.safetensors"]
-    assert (tmp_path / "model.safetensors").read_bytes() == b"the previous run's model"
+        finetune(_config(pretrained, task, out, train=str(few), epochs=1))
+    assert os.listdir(out) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the previous run's model"

@@ -89,7 +89,7 @@ def test_gradient_accumulation_matches_the_larger_batch(small, tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
 
 
-def test_fresh_run_refuses_a_used_out(small, corpus, tmp_path):
+def test_fresh_run_refuses_a_used_out(small, tmp_path):
     """A failed run's tokenizer, or an old run's checkpoints, are never taken into a fresh run: it refuses
     a non-empty --out, and --overwrite clears it (a rerun then trains the same tokenizer again)."""
     (tmp_path / "few.txt").write_text("a short text, too short to train on.")
@@ -97,13 +97,13 @@ def test_fresh_run_refuses_a_used_out(small, corpus, tmp_path):
         pretrain(small("bert", tmp_path / "run", tokenizer=None, vocab_size=120, data=str(tmp_path / "few.txt")))
     assert os.path.isfile(tmp_path / "run" / "tokenizer" / "tokenizer.json")
     with pytest.raises(ValueError, match="is not empty .*--resume.*--overwrite"):
-        pretrain(small("bert", tmp_path / "run", tokenizer=None, vocab_size=150, steps=4, eval_every=2))
-    run = small("bert", tmp_path / "run", tokenizer=None, vocab_size=150, steps=4, eval_every=2, overwrite=True)
-    pretrain(run)
+        pretrain(small("bert", tmp_path / "run", tokenizer=None, vocab_size=150))
+    fresh = dict(tokenizer=None, vocab_size=150, steps=2, eval_every=2, overwrite=True)
+    pretrain(small("bert", tmp_path / "run", **fresh))
     first = (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
     assert len(json.loads(first)["model"]["vocab"]) == 150
-    pretrain(small("bert", tmp_path / "run", tokenizer=None, vocab_size=150, steps=2, eval_every=2, overwrite=True))
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-00000002.pt"]  # step 4 of the old run gone
+    pretrain(small("bert", tmp_path / "run", **{**fresh, "steps": 1, "eval_every": 1}))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-00000001.pt"]  # the old run's step 2: gone
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text() == first  # reproducible from the seed
     with pytest.raises(ValueError, match="one of them"):
         pretrain(small("bert", tmp_path / "run", resume=True, overwrite=True))
