@@ -28,10 +28,7 @@ _PRETRAIN_HELP = {
     "eval_batches": "held-out examples per evaluation, in global batches (at most 5%% of the data)",
     "save_every": "checkpoint every this many steps (default: --eval-every)",
     "keep": "checkpoints kept",
-    "resume": "continue from the newest readable checkpoint in OUT/checkpoints; --data, --seed, --batch-size, "
-    "--grad-accum, --seq-len, --vocab-size, --tokenizer(-chars), --max-chars, --eval-batches, --preset, --dropout "
-    "and the number of ranks must stay as saved; changed --steps, --lr, --weight-decay, --warmup, --min-lr-ratio, "
-    "--clip, --eval-every, --save-every, --keep are applied (and listed)",
+    "resume": "continue from the newest readable checkpoint in OUT/checkpoints",
     "overwrite": "clear a used --out first (without it, a fresh run refuses a non-empty --out)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when there is one; under torchrun, cuda is LOCAL_RANK's GPU)",
     "progress": "show the progress bar",
@@ -72,12 +69,26 @@ def _add_fields(parser, config_class, helps, skip=()):
         )
 
 
+def _resume_help():
+    """--resume's help: which flags must stay as saved and which changes it applies."""
+    from .train.pretrain import APPLIED_ON_RESUME, FIXED_ON_RESUME
+    from .train.validate import flag
+
+    fixed = ", ".join(flag(k) for k in FIXED_ON_RESUME if k != "family")
+    applied = ", ".join(flag(k) for k in APPLIED_ON_RESUME)
+    return (
+        f"{_PRETRAIN_HELP['resume']}; {fixed} and the number of ranks must stay as saved; changes of {applied} "
+        f"are applied (and listed)"
+    )
+
+
 def _pretrain(argv):
     from .train import PretrainConfig, pretrain
 
     parser = argparse.ArgumentParser(prog="fastlm pretrain", description="pretrain a compact BERT, GPT or T5")
     parser.add_argument("family", choices=("bert", "gpt", "t5"))
-    _add_fields(parser, PretrainConfig, _PRETRAIN_HELP, skip=("family",))
+    helps = {**_PRETRAIN_HELP, "resume": _resume_help()}
+    _add_fields(parser, PretrainConfig, helps, skip=("family",))
     args = parser.parse_args(argv)
     pretrain(PretrainConfig(**vars(args)))
 
