@@ -54,6 +54,9 @@ def test_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
     with pytest.raises(ValueError, match="'text' field"):
         load_texts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data '.*latin.jsonl' is not UTF-8 text"):
+        load_texts(str(tmp_path / "latin.jsonl"))
 
 
 def test_builtin_default_is_real_text():
