@@ -288,8 +288,9 @@ def _load_data(run):
     run.tokenizer.check_fits(run.model_config.vocab_size)
     limit = task.max_seq_len(run.model_config)
     if limit is not None and config.seq_len > limit:
-        raise ValueError(f"--seq-len must be at most {limit} (the positions of --preset {config.preset}), "
-                         f"got {config.seq_len}")  # fmt: skip
+        raise ValueError(
+            f"--seq-len must be at most {limit} (the positions of --preset {config.preset}), got {config.seq_len}"
+        )
 
     token_docs = run.tokenizer.encode_batch(docs)
     examples = task.examples(token_docs, run.tokenizer, config.seq_len, torch.Generator().manual_seed(config.seed))

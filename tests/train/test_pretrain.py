@@ -9,6 +9,7 @@ import torch
 from fastlm.cli import main
 from fastlm.train import checkpoint as checkpoint_module
 from fastlm.train import load_checkpoint, pretrain, save_checkpoint
+from fastlm.train.tasks import Task, get_task
 from fastlm.train.validate import TrainingError
 
 
@@ -175,3 +176,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"step": 2, "model": {}}, tmp_path, 2)
     assert sorted(os.listdir(tmp_path)) == ["step-00000001.pt"]
     assert load_checkpoint(str(tmp_path / "step-00000001.pt"))["step"] == 1
+
+
+def test_a_task_must_implement_examples_batch_and_evaluate():
+    class Incomplete(Task):
+        def examples(self, docs, tokenizer, seq_len, generator):
+            return {}
+
+    with pytest.raises(TypeError, match=r"abstract methods.*batch.*evaluate"):
+        Incomplete()
+    for family in ("bert", "gpt", "t5"):
+        assert isinstance(get_task(family), Task)
