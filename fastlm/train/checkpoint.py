@@ -9,7 +9,14 @@ import torch
 
 from .validate import TrainingError
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "load_newest_good", "prune_checkpoints", "save_checkpoint"]
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_newest_good",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "write_atomically",
+]
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
