@@ -28,7 +28,8 @@ _PRETRAIN_HELP = {
     "eval_batches": "held-out examples per evaluation, in global batches (at most 5%% of the data)",
     "save_every": "checkpoint every this many steps (default: --eval-every)",
     "keep": "checkpoints kept",
-    "resume": "continue from the newest checkpoint in OUT/checkpoints",
+    "resume": "continue from the newest readable checkpoint in OUT/checkpoints",
+    "overwrite": "clear a used --out first (without it, a fresh run refuses a non-empty --out)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when there is one; under torchrun, cuda is LOCAL_RANK's GPU)",
     "progress": "show the progress bar",
 }
@@ -68,12 +69,26 @@ def _add_fields(parser, config_class, helps, skip=()):
         )
 
 
+def _resume_help():
+    """--resume's help: which flags must stay as saved and which changes it applies."""
+    from .train.pretrain import APPLIED_ON_RESUME, FIXED_ON_RESUME
+    from .train.validate import flag
+
+    fixed = ", ".join(flag(k) for k in FIXED_ON_RESUME if k != "family")
+    applied = ", ".join(flag(k) for k in APPLIED_ON_RESUME)
+    return (
+        f"{_PRETRAIN_HELP['resume']}; {fixed} and the number of ranks must stay as saved; changes of {applied} "
+        f"are applied (and listed)"
+    )
+
+
 def _pretrain(argv):
     from .train import PretrainConfig, pretrain
 
     parser = argparse.ArgumentParser(prog="fastlm pretrain", description="pretrain a compact BERT, GPT or T5")
     parser.add_argument("family", choices=("bert", "gpt", "t5"))
-    _add_fields(parser, PretrainConfig, _PRETRAIN_HELP, skip=("family",))
+    helps = {**_PRETRAIN_HELP, "resume": _resume_help()}
+    _add_fields(parser, PretrainConfig, helps, skip=("family",))
     args = parser.parse_args(argv)
     pretrain(PretrainConfig(**vars(args)))
 
@@ -97,11 +112,16 @@ def main(argv=None):
         help="info: backends and versions; bench: benchmarks; pretrain / finetune: training runs",
     )
     if argv and argv[0] in ("pretrain", "finetune"):  # their own parsers, so that --help reaches them
+        from .train.validate import TrainingError
+
         try:
             (_pretrain if argv[0] == "pretrain" else _finetune)(argv[1:])
         except (ValueError, MissingDependency) as e:
             print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
             return 2
+        except TrainingError as e:
+            print(f"fastlm {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
         return 0
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":

@@ -52,17 +52,20 @@ def _paragraphs(text):
 
 def _read_jsonl(path, text_field):
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{path}:{lineno}: expected an object with a {text_field!r} field")
-            docs.append(str(row[text_field]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise ValueError(f"{path}:{lineno}: expected an object with a {text_field!r} field")
+                docs.append(str(row[text_field]))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     return docs
 
 

@@ -3,6 +3,16 @@
 BERT: WordPiece with [PAD] [UNK] [CLS] [SEP] [MASK]; GPT: byte-level BPE with <|endoftext|>; T5: Unigram with
 <pad> </s> <unk> and 100 sentinels <extra_id_0> ... <extra_id_99>. ``Tokenizer`` wraps the HF object with the
 ids the objectives need.
+
+Reproducibility: a BERT or GPT tokenizer trained twice on the same texts is the same, token for token and
+id for id. HF's BPE and WordPiece trainers break ties between equally frequent merges by token id, and
+WordPiece gives its word-continuation pieces ("##c") ids in the order of a hash map, which changes from run
+to run; ``train_tokenizer`` therefore registers every "##c" up front, in sorted order, so all ids are fixed
+before the merges start. T5's Unigram tokenizer is not reproducible and cannot be made so from Python: HF's
+Unigram trainer sums its EM statistics over the words in hash-map order, so the piece scores vary in the
+fourth decimal between runs and with them the order (ids) of about one piece in ten; the vocabulary itself
+stays the same. A T5 run is reproducible given its tokenizer (``--tokenizer``, or the run's own
+OUT/tokenizer that --resume reuses).
 """
 
 import json
@@ -11,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .._optional import require
 
-__all__ = ["FAMILIES", "NUM_SENTINELS", "Tokenizer", "load_tokenizer", "train_tokenizer"]
+__all__ = ["FAMILIES", "NUM_SENTINELS", "Tokenizer", "load_tokenizer", "min_vocab_size", "train_tokenizer"]
 
 FAMILIES = ("bert", "gpt", "t5")
 NUM_SENTINELS = 100
@@ -94,24 +104,49 @@ def _tokenizers():
     return require("tokenizers", "train", "training or loading a tokenizer")
 
 
+def min_vocab_size(family):
+    """The smallest vocab_size ``train_tokenizer`` accepts for ``family``: its special tokens plus two."""
+    _check_family(family)
+    return len(_SPECIALS[family]) + 2
+
+
 def _check_family(family):
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
 
+def _continuation_pieces(normalizer, texts):
+    """The pieces "##c" for every non-space character c of the normalised ``texts``, sorted."""
+    chars = set()
+    for text in texts:
+        chars.update(normalizer.normalize_str(text))
+    return ["##" + c for c in sorted(chars) if not c.isspace()]
+
+
+def _unmark_added(hf, pieces):
+    """``hf`` with ``pieces`` kept in the model's vocabulary but no longer added (special) tokens."""
+    spec = json.loads(hf.to_str())
+    drop = set(pieces)
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in drop]
+    return _tokenizers().Tokenizer.from_str(json.dumps(spec))
+
+
 def train_tokenizer(family, texts, vocab_size=8000):
-    """Train the family's tokenizer on an iterable of strings ``texts``; returns a ``Tokenizer``."""
+    """Train the family's tokenizer on an iterable of strings ``texts``; returns a ``Tokenizer``. BERT and
+    GPT tokenizers are reproducible, T5's is not (see the module's docstring)."""
     _check_family(family)
+    texts = list(texts)
     specials = _SPECIALS[family]
-    if vocab_size <= len(specials) + 1:
-        raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens, got {vocab_size}")
+    if vocab_size < min_vocab_size(family):
+        raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens + 1, got {vocab_size}")
     tk = _tokenizers()
     if family == "bert":
         hf = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
         hf.normalizer = tk.normalizers.BertNormalizer(lowercase=True)
         hf.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
         hf.decoder = tk.decoders.WordPiece()
-        trainer = tk.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        pinned = _continuation_pieces(hf.normalizer, texts)  # fixed ids for the "##c" pieces (reproducibility)
+        trainer = tk.trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials + pinned)
     elif family == "gpt":
         hf = tk.Tokenizer(tk.models.BPE())
         hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -126,6 +161,8 @@ def train_tokenizer(family, texts, vocab_size=8000):
         hf.decoder = tk.decoders.Metaspace()
         trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     hf.train_from_iterator(texts, trainer=trainer)
+    if family == "bert":
+        hf = _unmark_added(hf, pinned)
     tok = _wrap(hf, family)
     if family == "bert":
         hf.post_processor = tk.processors.BertProcessing(("[SEP]", tok.sep_id), ("[CLS]", tok.cls_id))

@@ -5,12 +5,15 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 from torch import nn
 
 from ..data import load_tokenizer
 from ..models import BertForSequenceClassification, freeze_all_but, linear_probe, trainable_parameters
+from .validate import TrainingError, check_float, check_int
 
 __all__ = ["FinetuneConfig", "finetune", "read_labelled"]
 
@@ -40,6 +43,31 @@ class FinetuneConfig:
     progress: bool = True
 
 
+def _jsonl_records(path, f):
+    """(line number, record) of each non-blank line of the JSONL file ``f``; ValueError at a line that is not
+    a JSON object."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got a {type(record).__name__}")
+        yield lineno, record
+
+
+def _csv_records(path, f):
+    """(line number, row dict) of each row of the CSV file ``f`` (its header names the fields)."""
+    reader = csv.DictReader(f)
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
 def _read_rows(path, text_field, label_field):
     if path.startswith("hf:"):
         try:
@@ -51,16 +79,20 @@ def _read_rows(path, text_field, label_field):
         return [(r[text_field], r[label_field]) for r in ds]
     if not os.path.isfile(path):
         raise ValueError(f"data {path!r}: no such file")
+    records = _jsonl_records if path.endswith((".jsonl", ".json")) else _csv_records
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.endswith((".jsonl", ".json")):
-            records = (json.loads(line) for line in f if line.strip())
-        else:
-            records = csv.DictReader(f)
-        for i, r in enumerate(records, 1):
-            if text_field not in r or label_field not in r:
-                raise ValueError(f"{path}: record {i} lacks the {text_field!r} / {label_field!r} fields")
-            rows.append((str(r[text_field]), r[label_field]))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for lineno, r in records(path, f):
+                missing = [k for k in (text_field, label_field) if r.get(k) is None or r.get(k) == ""]
+                if missing:
+                    raise ValueError(
+                        f"{path}:{lineno}: expected a {text_field!r} and a {label_field!r} value, "
+                        f"the record has no {' and no '.join(map(repr, missing))}"
+                    )
+                rows.append((str(r[text_field]), r[label_field]))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     return rows
 
 
@@ -123,11 +155,44 @@ def accuracy(model, ids, mask, labels, batch_size):
     return hits / max(1, len(ids))
 
 
-def finetune(config):
-    """Fine-tune as ``config`` says; returns {"accuracy": final eval accuracy, "history": per-epoch metrics}
-    and writes the model, tokenizer and metrics.json to ``config.out``."""
+def _check_config(config):
+    """ValueError naming the first flag of ``config`` out of its range."""
     if config.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    check_int("epochs", config.epochs, 1)
+    check_int("batch_size", config.batch_size, 1)
+    check_int("seq_len", config.seq_len, 3)  # [CLS], at least one token, [SEP]
+    check_int("freeze_layers", config.freeze_layers, 0)
+    check_int("seed", config.seed, 0, 2**32 - 1)
+    check_float("lr", config.lr, 0, lo_open=True)
+
+
+def _save(model, tokenizer, result, out):
+    """Write the model, tokenizer and metrics.json (``result``) into ``out``: first into a staging folder
+    inside it, then moved in, so that a failed write (a full disk) leaves the files of an earlier run intact.
+    TrainingError naming ``out`` when a write fails."""
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".partial-", dir=out)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save(staging)
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    except OSError as e:
+        raise TrainingError(
+            f"could not write the fine-tuned model to {out!r} ({e.strerror or e}); the files already there are intact"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def finetune(config):
+    """Fine-tune as ``config`` says; returns {"accuracy": final eval accuracy, "history": per-epoch metrics}
+    and writes the model, tokenizer and metrics.json to ``config.out``. ValueError for a bad flag or bad
+    data (naming the flag, file and line); TrainingError when the outputs cannot be written."""
+    _check_config(config)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(config.model, "bert")
     texts, raw = read_labelled(config.train, config.text_field, config.label_field)
@@ -177,8 +242,5 @@ def finetune(config):
     if config.mode == "probe":
         _fold_probe_norm(model)
     result = {"accuracy": history[-1]["eval_accuracy"], "labels": names, "mode": config.mode, "history": history}
-    model.save_pretrained(config.out)
-    tokenizer.save(config.out)
-    with open(os.path.join(config.out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    _save(model, tokenizer, result, config.out)
     return result

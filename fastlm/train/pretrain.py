@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -19,9 +20,11 @@ from torch import distributed as dist
 
 from .._optional import require
 from ..data import load_texts, load_tokenizer, train_tokenizer
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..data.tokenizers import min_vocab_size
+from .checkpoint import latest_checkpoint, load_newest_good, prune_checkpoints, save_checkpoint
 from .plot import plot_history
 from .tasks import finish_metrics, get_task
+from .validate import TrainingError, check_float, check_int, check_out, clear_out, flag
 
 __all__ = ["PretrainConfig", "pretrain"]
 
@@ -54,6 +57,7 @@ class PretrainConfig:
     keep: int = 2
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     device: str | None = None
     progress: bool = True
 
@@ -143,15 +147,16 @@ def _device(config):
     return torch.device("cpu")
 
 
-def _tokenizer(config, docs, is_main, ddp):
+def _tokenizer(config, docs, run):
     """Load --tokenizer, or the run's own (resume), or train one on the data (rank 0; the others load it)."""
     if config.tokenizer:
         return load_tokenizer(config.tokenizer, config.family)
     own = os.path.join(config.out, "tokenizer")
-    if not os.path.isfile(os.path.join(own, "tokenizer.json")):
-        if config.resume:
+    if config.resume:
+        if not os.path.isfile(os.path.join(own, "tokenizer.json")):
             raise ValueError(f"--resume: {own!r} holds no tokenizer.json; is {config.out!r} a pretraining run?")
-        if is_main:
+    else:
+        if run.is_main:
             sample, total = [], 0
             for d in docs:
                 if total >= config.tokenizer_chars:
@@ -159,148 +164,296 @@ def _tokenizer(config, docs, is_main, ddp):
                 sample.append(d)
                 total += len(d)
             train_tokenizer(config.family, sample, config.vocab_size).save(own)
-        ddp.barrier()
+        run.ddp.barrier()
     return load_tokenizer(own, config.family)
 
 
 def _check_config(config):
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "keep"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}")
+    """ValueError naming the first flag of ``config`` out of its range."""
+    get_task(config.family)
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep", "tokenizer_chars"):
+        check_int(name, getattr(config, name), 1)
+    check_int("seq_len", config.seq_len, 2)
+    check_int("vocab_size", config.vocab_size, min_vocab_size(config.family))
+    check_int("max_chars", config.max_chars, 1, optional=True)
+    check_int("save_every", config.save_every, 1, optional=True)
+    check_int("warmup", config.warmup, 0, optional=True)
+    check_int("seed", config.seed, 0, 2**32 - 1)
+    check_float("lr", config.lr, 0, lo_open=True)
+    check_float("weight_decay", config.weight_decay, 0)
+    check_float("min_lr_ratio", config.min_lr_ratio, 0, 1)
+    check_float("clip", config.clip, 0)
+    check_float("dropout", config.dropout, hi=1, hi_open=True)
 
 
-def pretrain(config):
-    """Run (or resume) pretraining as ``config`` says; returns the history dict (also in OUT/history.json)."""
+# What a resumed run must share with its checkpoint: its examples, batches, tokenizer and model follow from
+# these, so a change would silently make a different run.
+FIXED_ON_RESUME = (
+    "family", "preset", "data", "max_chars", "tokenizer", "vocab_size", "tokenizer_chars", "seq_len",
+    "batch_size", "grad_accum", "eval_batches", "dropout", "seed",
+)  # fmt: skip
+# What a resumed run may change; applied from the checkpoint's step on (the schedule is recomputed with them).
+APPLIED_ON_RESUME = (
+    "steps", "lr", "weight_decay", "warmup", "min_lr_ratio", "clip", "eval_every", "save_every", "keep",
+)  # fmt: skip
+
+
+def _check_resume(config, saved, world, path):
+    """The changes of ``config`` against the run config ``saved`` in the checkpoint at ``path`` that resume
+    applies, as a list of "--flag old -> new"; ValueError naming the flags whose change breaks exactness."""
+    now = dataclasses.asdict(config)
+    saved = {**saved, "world": saved.get("world", world)}  # checkpoints before the world size was recorded
+    now["world"] = world
+    broken = [k for k in (*FIXED_ON_RESUME, "world") if k in saved and saved[k] != now[k]]
+    if broken:
+        changes = ", ".join(f"{'ranks' if k == 'world' else flag(k)} ({saved[k]!r} -> {now[k]!r})" for k in broken)
+        raise ValueError(
+            f"--resume: cannot change {changes}: the run in {path!r} was made with the saved values, which fix "
+            f"its data, batches, tokenizer and model; pass them, or start a new run in another --out"
+        )
+    return [f"{flag(k)} {saved[k]!r} -> {now[k]!r}" for k in APPLIED_ON_RESUME if k in saved and saved[k] != now[k]]
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of a run that its steps share: the set-up, the data, the model and optimizer, the history."""
+
+    config: PretrainConfig
+    task: object
+    device: torch.device
+    ddp: _Dist
+    ckpt_dir: str
+    resumed: tuple | None = None  # (path, state) of the checkpoint resumed from
+    tokenizer: object = None
+    model_config: object = None
+    train: dict = None
+    held_out: dict = None
+    model: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    history: dict = dataclasses.field(default_factory=lambda: {"step": [], "loss": [], "eval": []})
+    start: int = 0
+
+    @property
+    def is_main(self):
+        return self.ddp.rank == 0
+
+    def say(self, message):
+        """Print ``message`` to stderr on rank 0."""
+        if self.is_main:
+            print(f"fastlm pretrain: {message}", file=sys.stderr, flush=True)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+
+def _set_up(config):
+    """Check ``config``, start the ranks and make --out ready (refused when used, unless --resume or
+    --overwrite); then, with --resume, load the newest readable checkpoint and check the config against it."""
     _check_config(config)
-    task = get_task(config.family)
     device = _device(config)
     ddp = _Dist(device)
-    is_main = ddp.rank == 0
-    ckpt_dir = os.path.join(config.out, "checkpoints")
-    state = None
+    run = _Run(config, get_task(config.family), device, ddp, os.path.join(config.out, "checkpoints"))
+    check_out(config.out, resume=config.resume, overwrite=config.overwrite)
+    ddp.barrier()  # every rank has seen --out as it was before rank 0 clears it
+    if run.is_main and not config.resume:
+        clear_out(config.out)
+    ddp.barrier()
     if config.resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint in {ckpt_dir!r}")
-        state = load_checkpoint(path)
+        path, state = load_newest_good(run.ckpt_dir, say=run.say)
+        if state["step"] > config.steps:
+            raise ValueError(f"--steps {config.steps} is below the step {state['step']} of {path!r}")
+        applied = _check_resume(config, state.get("run", {}), ddp.world, path)
+        run.say(f"resuming from {path!r} at step {state['step']}")
+        if applied:
+            run.say("applying the changed " + ", ".join(applied))
+        run.resumed = (path, state)
+    return run
 
+
+def _load_data(run):
+    """The tokenizer, the model config and the train / held-out examples of ``run``."""
+    config, task = run.config, run.task
     docs = load_texts(config.data, max_chars=config.max_chars)
-    tokenizer = _tokenizer(config, docs, is_main, ddp)
-    model_config = task.config(config.preset, tokenizer, config.dropout)
-    if state is not None:
-        saved = state["model_config"]
-        if saved != dataclasses.asdict(model_config):
-            diff = {k: (v, saved.get(k)) for k, v in dataclasses.asdict(model_config).items() if saved.get(k) != v}
+    run.tokenizer = _tokenizer(config, docs, run)
+    run.model_config = task.config(config.preset, run.tokenizer, config.dropout)
+    if run.resumed is not None:
+        path, state = run.resumed
+        saved, now = state["model_config"], dataclasses.asdict(run.model_config)
+        if saved != now:
+            diff = {k: (v, saved.get(k)) for k, v in now.items() if saved.get(k) != v}
             raise ValueError(f"checkpoint {path!r} does not fit --preset {config.preset}: (now, saved) {diff}")
-    tokenizer.check_fits(model_config.vocab_size)
+    run.tokenizer.check_fits(run.model_config.vocab_size)
+    limit = task.max_seq_len(run.model_config)
+    if limit is not None and config.seq_len > limit:
+        raise ValueError(
+            f"--seq-len must be at most {limit} (the positions of --preset {config.preset}), got {config.seq_len}"
+        )
 
-    token_docs = tokenizer.encode_batch(docs)
-    examples = task.examples(token_docs, tokenizer, config.seq_len, torch.Generator().manual_seed(config.seed))
+    token_docs = run.tokenizer.encode_batch(docs)
+    examples = task.examples(token_docs, run.tokenizer, config.seq_len, torch.Generator().manual_seed(config.seed))
     n = next(iter(examples.values())).shape[0]
-    global_batch = config.batch_size * ddp.world * config.grad_accum
-    n_eval = max(1, min(n // 20, config.eval_batches * global_batch))  # one split for any ranks x accumulation
+    n_eval = max(1, min(n // 20, config.eval_batches * _global_batch(run)))  # one split for any ranks x accumulation
     if n - n_eval < 1:
         raise ValueError(f"data {config.data!r} gives {n} examples of {config.seq_len} tokens: too few to train")
-    train = {k: v[n_eval:] for k, v in examples.items()}
-    held_out = {k: v[:n_eval] for k, v in examples.items()}
-    n_train = n - n_eval
+    run.train = {k: v[n_eval:] for k, v in examples.items()}
+    run.held_out = {k: v[:n_eval] for k, v in examples.items()}
 
+
+def _global_batch(run):
+    return run.config.batch_size * run.ddp.world * run.config.grad_accum
+
+
+def _schedule(config):
+    """The learning-rate factor of each step: linear warmup, then cosine decay (``_lr_factor``)."""
+    warmup = config.warmup if config.warmup is not None else max(1, min(100, config.steps // 10))
+    return lambda s: _lr_factor(s, warmup, config.steps, config.min_lr_ratio)
+
+
+def _build_model(run):
+    """The model, AdamW and the schedule of ``run``, seeded by --seed, with a resumed run's state loaded."""
+    config = run.config
     torch.manual_seed(config.seed)
-    model = task.model_class(model_config).to(device)
+    run.model = model = run.task.model_class(run.model_config).to(run.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    run.optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.98),
         eps=1e-8,
         fused=True,  # one kernel per step instead of a dozen ops per tensor
     )
-    warmup = config.warmup if config.warmup is not None else max(1, min(100, config.steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, warmup, config.steps, config.min_lr_ratio)
-    )
-    history = {"step": [], "loss": [], "eval": []}
-    start = 0
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {path!r} does not fit the model: {e}") from None
-        scheduler.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["step"]
-    trained = ddp.wrap(model)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _schedule(config))
+    if run.resumed is not None:
+        _load_state(run, *run.resumed)
 
-    save_every = config.save_every or config.eval_every
-    B, world, accum = config.batch_size, ddp.world, config.grad_accum
-    tokens_per_step = global_batch * task.tokens_per_example(train)
-    bar = None
-    if is_main and config.progress:
-        tqdm = require("tqdm", "train", "the progress bar of fastlm pretrain").tqdm
-        bar = tqdm(total=config.steps, initial=start, desc=f"pretrain {config.family}", unit="step")
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(start, config.steps):
-        idx = _global_indices(step, global_batch, n_train, config.seed)
-        batch = task.batch(
-            {k: v[idx] for k, v in train.items()}, tokenizer, _step_generator(device, config.seed, step, 1), device
+
+def _load_state(run, path, state):
+    """Load the checkpoint ``state`` into the run, then apply the current --lr, --weight-decay and schedule
+    flags (a checkpoint's optimizer state carries the old ones)."""
+    config = run.config
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path!r} does not fit the model: {e}") from None
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.history, run.start = state["history"], state["step"]
+    factor = _schedule(config)(run.start)
+    run.scheduler.base_lrs = [config.lr] * len(run.optimizer.param_groups)
+    for group, decay in zip(run.optimizer.param_groups, (config.weight_decay, 0.0), strict=True):
+        group.update(initial_lr=config.lr, lr=config.lr * factor, weight_decay=decay)
+
+
+def _train_step(run, trained, step):
+    """One optimizer step on the global batch of ``step``; returns its loss (the mean over ranks).
+    TrainingError when the loss is not finite (nothing is updated then)."""
+    config, ddp, task = run.config, run.ddp, run.task
+    idx = _global_indices(step, _global_batch(run), next(iter(run.train.values())).shape[0], config.seed)
+    generator = _step_generator(run.device, config.seed, step, 1)
+    batch = task.batch({k: v[idx] for k, v in run.train.items()}, run.tokenizer, generator, run.device)
+    torch.manual_seed(config.seed * 1_000_003 + step * ddp.world + ddp.rank)  # dropout
+    B, accum = config.batch_size, config.grad_accum
+    total = 0.0
+    for m in range(accum):
+        lo = (m * ddp.world + ddp.rank) * B
+        micro = {k: v[lo : lo + B] for k, v in batch.items()}
+        with ddp.micro_step(trained, last=m == accum - 1):
+            with run.autocast():
+                loss = trained(**micro).loss / accum
+            loss.backward()
+        total += float(loss.detach())
+    total = ddp.mean(total)
+    if not math.isfinite(total):
+        newest = latest_checkpoint(run.ckpt_dir)
+        kept = f"the newest checkpoint is {newest!r}" if newest else "no checkpoint was written"
+        raise TrainingError(
+            f"the loss became {total} at step {step + 1} (lr {run.scheduler.get_last_lr()[0]:.3g}); stopped: {kept}. "
+            f"A lower --lr, a --clip or more --warmup steps may help"
         )
-        torch.manual_seed(config.seed * 1_000_003 + step * world + ddp.rank)  # dropout
-        total = 0.0
-        for m in range(accum):
-            lo = (m * world + ddp.rank) * B
-            micro = {k: v[lo : lo + B] for k, v in batch.items()}
-            with ddp.micro_step(trained, last=m == accum - 1):
-                with autocast:
-                    loss = trained(**micro).loss / accum
-                loss.backward()
-            total += float(loss.detach())
-        if config.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        total = ddp.mean(total)
-        history["step"].append(step + 1)
-        history["loss"].append(total)
-        if bar is not None:
-            rate = (step + 1 - start) * tokens_per_step / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            metrics = evaluate(task, model, held_out, tokenizer, config, device, autocast)
-            history["eval"].append({"step": done, **metrics})
+    if config.clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _checkpoint(run, done):
+    """Save the run's state as of ``done`` steps (rank 0) and prune the old checkpoints."""
+    state = {
+        "step": done,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "history": run.history,
+        "model_config": dataclasses.asdict(run.model_config),
+        "run": {**dataclasses.asdict(run.config), "world": run.ddp.world},
+    }
+    save_checkpoint(state, run.ckpt_dir, done)
+    prune_checkpoints(run.ckpt_dir, run.config.keep)
+
+
+def _loop(run):
+    """Steps ``run.start`` .. --steps: train, evaluate every --eval-every steps, checkpoint every --save-every."""
+    config = run.config
+    trained = run.ddp.wrap(run.model)
+    save_every = config.save_every or config.eval_every
+    tokens_per_step = _global_batch(run) * run.task.tokens_per_example(run.train)
+    bar = None
+    if run.is_main and config.progress:
+        tqdm = require("tqdm", "train", "the progress bar of fastlm pretrain").tqdm
+        bar = tqdm(total=config.steps, initial=run.start, desc=f"pretrain {config.family}", unit="step")
+    t0 = time.perf_counter()
+    run.model.train()
+    try:
+        for step in range(run.start, config.steps):
+            total = _train_step(run, trained, step)
+            run.history["step"].append(step + 1)
+            run.history["loss"].append(total)
             if bar is not None:
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if is_main and (done % save_every == 0 or done == config.steps):
-            ckpt = {
-                "step": done,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "model_config": dataclasses.asdict(model_config),
-                "run": dataclasses.asdict(config),
-            }
-            save_checkpoint(ckpt, ckpt_dir, done)
-            prune_checkpoints(ckpt_dir, config.keep)
-    if bar is not None:
-        bar.close()
-    if is_main:
-        model.save_pretrained(os.path.join(config.out, "model"))
-        tokenizer.save(os.path.join(config.out, "model"))
+                rate = (step + 1 - run.start) * tokens_per_step / (time.perf_counter() - t0)
+                lr = run.scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                metrics = evaluate(run.task, run.model, run.held_out, run.tokenizer, config, run.device, run.autocast())
+                run.history["eval"].append({"step": done, **metrics})
+                if bar is not None:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if run.is_main and (done % save_every == 0 or done == config.steps):
+                _checkpoint(run, done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save_outputs(run):
+    """OUT/model (HF format + tokenizer), OUT/history.json and OUT/loss.png (rank 0)."""
+    config = run.config
+    if run.is_main:
+        run.model.save_pretrained(os.path.join(config.out, "model"))
+        run.tokenizer.save(os.path.join(config.out, "model"))
         with open(os.path.join(config.out, "history.json"), "w") as f:
-            json.dump(history, f)
-        plot_history(history, os.path.join(config.out, "loss.png"), title=f"{config.family} {config.preset}")
-    ddp.barrier()
-    return history
+            json.dump(run.history, f)
+        plot_history(run.history, os.path.join(config.out, "loss.png"), title=f"{config.family} {config.preset}")
+    run.ddp.barrier()
+
+
+def pretrain(config):
+    """Run (or resume) pretraining as ``config`` says; returns the history dict (also in OUT/history.json).
+    ValueError for a bad config, data or --out (nothing trained); TrainingError when the loss stops being
+    finite or a checkpoint cannot be written."""
+    run = _set_up(config)
+    _load_data(run)
+    _build_model(run)
+    _loop(run)
+    _save_outputs(run)
+    return run.history
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 is corrupted, and what the evaluation measures. A task's batches are pure functions of (examples, generator),
 so a run is reproducible from its seed and step."""
 
+import abc
 import math
 
 import torch
@@ -13,8 +14,12 @@ from ..data import mlm_mask, nsp_pairs, pack_blocks, span_corrupt, span_corrupti
 __all__ = ["TASKS", "BertTask", "GPTTask", "T5Task", "finish_metrics", "get_task"]
 
 
-class Task:
-    """Base of the per-family tasks. ``examples`` is a dict of CPU tensors with one row per example."""
+class Task(abc.ABC):
+    """What `fastlm pretrain` needs of an objective. A task names its model (``config_class``,
+    ``model_class``, ``presets``: short name -> preset name, ``dropout_fields``) and implements
+    ``examples`` (the corpus cut into examples), ``batch`` (the corruption of a step's rows) and
+    ``evaluate`` (summed held-out metrics). ``examples`` is a dict of CPU tensors with one row per example;
+    ``batch`` must be a pure function of (rows, generator) so that a run is reproducible from its seed."""
 
     family = ""
     config_class = None
@@ -31,10 +36,30 @@ class Task:
         return self.config_class.preset(name, **overrides)
 
     def token_overrides(self, tokenizer):
+        """Model-config fields taken from the tokenizer (special token ids); none by default."""
         return {}
 
+    def max_seq_len(self, model_config):
+        """The longest example the model of ``model_config`` takes (its position table), or None."""
+        return None
+
     def tokens_per_example(self, examples):
+        """Tokens the model reads per example (for the tokens/s rate)."""
         return sum(int(v.shape[1]) for k, v in examples.items() if k in ("input_ids", "tokens"))
+
+    @abc.abstractmethod
+    def examples(self, docs, tokenizer, seq_len, generator):
+        """The training examples of the tokenised documents ``docs`` (list of list[int]): a dict of int64 CPU
+        tensors with one row (of ``seq_len`` tokens) per example; ``generator`` seeds any random cut."""
+
+    @abc.abstractmethod
+    def batch(self, rows, tokenizer, generator, device):
+        """The model inputs (keyword arguments, labels included) of the example ``rows`` (a dict as
+        ``examples`` gives, B rows each) on ``device``, corrupted with ``generator`` (on ``device``)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model, batch):
+        """Held-out metrics of one ``batch`` as {name: (sum, count)}; `finish_metrics` turns sums into means."""
 
 
 class BertTask(Task):
@@ -48,6 +73,9 @@ class BertTask(Task):
 
     def token_overrides(self, tokenizer):
         return {"pad_token_id": tokenizer.pad_id}
+
+    def max_seq_len(self, model_config):
+        return model_config.max_position_embeddings
 
     def examples(self, docs, tokenizer, seq_len, generator):
         ids, types, nsp = nsp_pairs(
@@ -100,6 +128,9 @@ class GPTTask(Task):
 
     def token_overrides(self, tokenizer):
         return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
+
+    def max_seq_len(self, model_config):
+        return model_config.n_positions
 
     def examples(self, docs, tokenizer, seq_len, generator):
         return {"input_ids": pack_blocks(docs, seq_len, tokenizer.eos_id)}
@@ -160,6 +191,7 @@ TASKS = {"bert": BertTask, "gpt": GPTTask, "t5": T5Task}
 
 
 def get_task(family):
+    """The ``Task`` of ``family`` (bert, gpt or t5); ValueError naming the choices otherwise."""
     if family not in TASKS:
         raise ValueError(f"model family must be one of {', '.join(TASKS)}, got {family!r}")
     return TASKS[family]()

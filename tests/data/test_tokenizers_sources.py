@@ -54,9 +54,22 @@ def test_sources(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
     with pytest.raises(ValueError, match="'text' field"):
         load_texts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data '.*latin.jsonl' is not UTF-8 text"):
+        load_texts(str(tmp_path / "latin.jsonl"))
 
 
 def test_builtin_default_is_real_text():
     docs = stdlib_docstrings(max_chars=20_000)
     assert sum(map(len, docs)) >= 20_000 and all(isinstance(d, str) and len(d) >= 40 for d in docs)
     assert load_texts("builtin", max_chars=20_000) == docs
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_training_is_reproducible(family):
+    """Two trainings on the same texts give the same tokenizer, id for id (HF's WordPiece trainer numbers
+    its "##c" pieces in hash-map order unless they are pinned; T5's Unigram trainer cannot be pinned)."""
+    docs = stdlib_docstrings(max_chars=30_000)
+    first, second = (train_tokenizer(family, docs, vocab_size=400) for _ in range(2))
+    assert first.hf.to_str() == second.hf.to_str()
+    assert first.encode("Return the ##result of a call.") == second.encode("Return the ##result of a call.")

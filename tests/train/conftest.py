@@ -14,8 +14,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory):
-    """family -> a folder with a 400-token tokenizer trained once on the corpus (HF's trainers are not
-    bit-reproducible run to run, so runs that are compared share one)."""
+    """family -> a folder with a 400-token tokenizer trained once on the corpus (training one costs seconds,
+    and T5's Unigram trainer is not reproducible run to run, so runs that are compared share one)."""
     made = {}
 
     def get(family):

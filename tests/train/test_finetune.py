@@ -1,13 +1,17 @@
+import errno
 import json
+import os
 import random
 import shutil
 
 import pytest
 
+from fastlm.cli import main
 from fastlm.data import load_texts, load_tokenizer, train_tokenizer
 from fastlm.models import BertForSequenceClassification
 from fastlm.train import pretrain
-from fastlm.train.finetune import FinetuneConfig, _encode, _freeze, finetune
+from fastlm.train.finetune import FinetuneConfig, _encode, _freeze, finetune, read_labelled
+from fastlm.train.validate import TrainingError
 
 TOPICS = (
     "file path directory open read write name mode bytes encoding",
@@ -98,3 +102,48 @@ def test_errors(pretrained, task, tmp_path, corpus):
         finetune(_config(big, task, tmp_path))
     with pytest.raises(ValueError, match="--mode"):
         finetune(_config(pretrained, task, tmp_path, mode="lora"))
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("epochs", 0), ("batch_size", 0), ("seq_len", 1), ("lr", float("nan")), ("freeze_layers", -1)]
+)
+def test_flags_out_of_range(tmp_path, flag, value, capsys):
+    """Refused before the model or data are read (they do not exist here)."""
+    option = "--" + flag.replace("_", "-")
+    argv = ["finetune", "--model", str(tmp_path), "--train", "t.csv", "--out", str(tmp_path), option, str(value)]
+    assert main(argv) == 2
+    assert f"fastlm finetune: error: {option} must be " in capsys.readouterr().err
+
+
+def test_bad_records_name_the_file_and_line(tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"text": "a", "label": 0}\n\n["b", 1]\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:3: expected a JSON object, got a list"):
+        read_labelled(str(jsonl))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data '.*latin.csv' is not UTF-8 text"):
+        read_labelled(str(latin))
+    no_label = tmp_path / "no_label.csv"
+    no_label.write_text("text,label\nfine,1\nmissing\nempty,\n")
+    with pytest.raises(ValueError, match=r"no_label.csv:3: expected a 'text' and a 'label' value, .* no 'label'"):
+        read_labelled(str(no_label))
+
+
+def test_a_full_disk_keeps_the_previous_outputs(pretrained, task, tmp_path, monkeypatch):
+    few = tmp_path / "few.csv"
+    few.write_text("\n".join((task / "train.csv").read_text().splitlines()[:9]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous run's model")
+
+    def full_disk(self, directory):
+        with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(BertForSequenceClassification, "save_pretrained", full_disk)
+    with pytest.raises(TrainingError, match="No space left on device.*intact"):
+        finetune(_config(pretrained, task, out, train=str(few), epochs=1))
+    assert os.listdir(out) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the previous run's model"
