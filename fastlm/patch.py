@@ -592,6 +592,7 @@ def patch(model, *, norms=True, attention=True, loss=True, verbose=False):
             state["attn_implementation"] = config._attn_implementation
             try:
                 model.set_attn_implementation(IMPLEMENTATION)
+                state["subconfigs"] = _set_stack_configs(model, IMPLEMENTATION)
                 swapped.append(f"attention implementation '{state['attn_implementation']}' -> '{IMPLEMENTATION}'")
                 state["marked"] = _mark_t5_relative_bias(model)
             except (ValueError, NotImplementedError) as err:
@@ -643,7 +644,24 @@ def unpatch(model):
         module.__dict__.pop("_fastlm_zero_position_bias", None)
     if state["attn_implementation"] is not None:
         model.set_attn_implementation(state["attn_implementation"])
+    for config, implementation in state.get("subconfigs", ()):
+        config._attn_implementation = implementation
     return model
+
+
+def _set_stack_configs(model, implementation):
+    """Give `implementation` to the configs of submodules that hold a copy of the model's config (T5's
+    encoder and decoder stacks), which set_attn_implementation leaves as they were in transformers 5.17
+    (the patched T5 then ran eager attention); returns [(config, its former implementation)] for unpatch."""
+    changed = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or config is model.config or type(config) is not type(model.config):
+            continue
+        if config._attn_implementation != implementation and all(config is not c for c, _ in changed):
+            changed.append((config, config._attn_implementation))
+            config._attn_implementation = implementation
+    return changed
 
 
 def _path(model, module, name=None):

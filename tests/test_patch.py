@@ -196,7 +196,10 @@ def test_t5_uses_in_kernel_relative_bias(gated):
     labels = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     labels[1, 5:] = -100
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    before = count("attention")
     assert_same(patched, model, inputs, train=False)
+    # every self-, causal and cross-attention of both stacks ran fused (the stacks hold copies of the config)
+    assert count("attention") - before == 3 * len(patched.encoder.block)
     table = patched.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
     assert table.grad is not None and table.grad.abs().sum() > 0
     kwargs = {"max_new_tokens": 5, "do_sample": False}
