@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import types
+import typing
 
 import torch
 from torch import nn
@@ -83,6 +85,23 @@ class HFConfig:
     Subclasses set ``model_type`` (HF's), ``PRESETS`` (name -> field overrides) and may override
     ``_check_hf`` to reject HF options the model does not implement.
     """
+
+    def __post_init__(self):
+        self._check_types()
+
+    def _check_types(self):
+        """TypeError / ValueError unless every field holds a value of its annotated type (an int is a valid
+        float; a bool is not a number) and the counts (int fields other than token ids) are >= 0."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+            ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                expected = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TypeError(f"{type(self).__name__}.{f.name} must be {expected}, got {value!r}")
+            if type(value) is int and not f.name.endswith("_id") and value < 0:
+                raise ValueError(f"{type(self).__name__}.{f.name} must be >= 0, got {value}")
 
     @classmethod
     def preset(cls, name, **overrides):

@@ -76,6 +76,7 @@ class T5Config(HFConfig):
     }
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
