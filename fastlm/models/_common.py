@@ -11,7 +11,18 @@ from torch.nn import functional as F
 
 from ..nn import LayerNorm, RMSNorm
 
-__all__ = ["HFConfig", "activation", "check_ids", "check_length", "init_normal", "key_padding_mask", "scaled_std"]
+__all__ = [
+    "HFConfig",
+    "activation",
+    "attention_mask_bool",
+    "check_ids",
+    "check_labels",
+    "check_length",
+    "check_same_shape",
+    "init_normal",
+    "key_padding_mask",
+    "scaled_std",
+]
 
 
 def _gelu_tanh(x):
@@ -28,15 +39,25 @@ def activation(name):
     return _ACTIVATIONS[name]
 
 
-def check_ids(ids, vocab_size, name="input_ids"):
-    """Raise ValueError unless ``ids`` is an integer (B, L) tensor with values in [0, vocab_size)."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
+def check_ids(ids, vocab_size, name="input_ids", *, table="the vocabulary"):
+    """Raise unless ``ids`` is an integer (B, L) tensor, L >= 1, with values in [0, vocab_size) (the rows
+    of ``table``). TypeError for a non-tensor or a floating/bool tensor, ValueError for a bad shape or value."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor (B, L), got a {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (B, L), got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, L) with L >= 1, got {tuple(ids.shape)}")
     if ids.numel():
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
         if low < 0 or high >= vocab_size:
-            raise ValueError(f"{name} holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size})")
+            raise ValueError(f"{name} holds ids in [{low}, {high}], outside {table} [0, {vocab_size})")
+
+
+def check_labels(labels, vocab_size):
+    """Raise unless ``labels`` is an integer (B, L) tensor of token ids in [0, vocab_size) or -100 (ignored)."""
+    ids = labels.masked_fill(labels == -100, 0) if isinstance(labels, torch.Tensor) else labels
+    check_ids(ids, vocab_size, "labels (where not -100)")
 
 
 def check_length(length, max_positions, name="input_ids"):
@@ -45,14 +66,34 @@ def check_length(length, max_positions, name="input_ids"):
         raise ValueError(f"{name} has {length} positions but the model's position table holds {max_positions}")
 
 
-def key_padding_mask(attention_mask, shape):
-    """HF's attention_mask (B, L), 1 = attend, as fastlm.attention's bool key_padding_mask; None when
-    absent or when every key is attended (the kernels then skip the mask)."""
+def check_same_shape(tensor, name, shape, expected="(B, L)"):
+    """Raise unless ``tensor`` is a tensor of ``shape`` (described as ``expected`` in the message)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {expected}, got a {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def attention_mask_bool(attention_mask, shape, expected="(B, L)"):
+    """HF's attention_mask of ``shape``, 1 = token / 0 = padding (bool, integer or floating), as a bool
+    tensor, True = attend. Any other value is a ValueError (an additive 0 / -inf mask would otherwise
+    silently attend to the padding)."""
+    check_same_shape(attention_mask, "attention_mask", shape, expected)
+    if attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool, integer or floating, got dtype {attention_mask.dtype}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token), got other values")
+    return attention_mask != 0
+
+
+def key_padding_mask(attention_mask, shape, expected="(B, L)"):
+    """HF's attention_mask (see ``attention_mask_bool``) as fastlm.attention's bool key_padding_mask; None
+    when absent or when every key is attended (the kernels then skip the mask)."""
     if attention_mask is None:
         return None
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
-    mask = attention_mask.bool()
+    mask = attention_mask_bool(attention_mask, shape, expected)
     return None if bool(mask.all()) else mask
 
 

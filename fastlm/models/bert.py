@@ -15,7 +15,15 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import LayerNorm
 from ..ops.attention import attention
-from ._common import HFConfig, activation, check_ids, check_length, init_normal, key_padding_mask
+from ._common import (
+    HFConfig,
+    activation,
+    check_ids,
+    check_length,
+    check_same_shape,
+    init_normal,
+    key_padding_mask,
+)
 from .hub import PretrainedMixin
 
 __all__ = [
@@ -110,12 +118,13 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids=None):
-        B, L = input_ids.shape
         check_ids(input_ids, self.config.vocab_size)
+        L = input_ids.shape[1]
         check_length(L, self.config.max_position_embeddings)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        check_ids(token_type_ids, self.config.type_vocab_size, "token_type_ids")
+        check_same_shape(token_type_ids, "token_type_ids", input_ids.shape)
+        check_ids(token_type_ids, self.config.type_vocab_size, "token_type_ids", table="the token types")
         positions = self.position_embeddings.weight[:L]  # (L, E), broadcast over B
         others = self.token_type_embeddings(token_type_ids) + positions  # (B, L, E)
         return self.dropout(self.LayerNorm(self.word_embeddings(input_ids), residual=others))  # (B, L, E)
@@ -238,8 +247,8 @@ class BertModel(PretrainedMixin, nn.Module):
         return {"prefix": "bert.", "body": True, "new": ("pooler.",)}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, L) bool or None
-        h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, L, E)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, L, E); checks input_ids
+        h = self.encoder(x, key_padding_mask(attention_mask, input_ids.shape))  # (B, L, E)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
 
@@ -402,10 +411,16 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
             else:
                 problem = "multi_label_classification"
         if problem == "regression":
-            out.loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[:-1]))
+            if labels.numel() != logits.numel():
+                raise ValueError(
+                    f"labels of a regression must have shape (B, num_labels) = {tuple(logits.shape)} (or (B,) "
+                    f"when num_labels == 1), got {tuple(labels.shape)}"
+                )
+            out.loss = F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape))
         elif problem == "single_label_classification":
             out.loss = ops.cross_entropy(logits, labels.reshape(-1))
         elif problem == "multi_label_classification":
+            check_same_shape(labels, "labels", logits.shape, "(B, num_labels)")
             out.loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         else:
             raise ValueError(f"BertForSequenceClassification: unknown problem_type {problem!r}")

@@ -105,17 +105,19 @@ def test_masked_lm_and_body_match_hf(tmp_path):
     )
 
 
-@pytest.mark.parametrize("num_labels, kind", [(3, "single"), (1, "regression"), (4, "multi")])
+@pytest.mark.parametrize("num_labels, kind", [(3, "single"), (1, "regression"), (2, "regression"), (4, "multi")])
 def test_sequence_classification_matches_hf(num_labels, kind, tmp_path):
     torch.manual_seed(2)
-    hf32, hf64 = hf_pair(transformers.BertForSequenceClassification(hf_config(num_labels=num_labels)))
+    problem = {"regression": "regression"}.get(kind)  # HF would take float labels with 2 outputs as multi-label
+    config = hf_config(num_labels=num_labels, problem_type=problem)
+    hf32, hf64 = hf_pair(transformers.BertForSequenceClassification(config))
     model = load(BertForSequenceClassification, hf32, tmp_path)
     assert model.initialised_keys == []
     ids, mask, types, _, _ = batch(2)
     g = torch.Generator().manual_seed(3)
     labels = {
         "single": torch.randint(0, num_labels, (B,), generator=g),
-        "regression": torch.randn(B, generator=g),
+        "regression": torch.randn(B, num_labels, generator=g).squeeze(-1),
         "multi": (torch.rand(B, num_labels, generator=g) < 0.5).float(),
     }[kind]
     out = model(ids, mask, types, labels=labels)
