@@ -130,22 +130,44 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(self.word_embeddings(input_ids), residual=others))  # (B, L, E)
 
 
+_QKV = ("query", "key", "value")
+
+
+def _split_qkv(module, state_dict, prefix, local_metadata):
+    """state_dict hook: the fused ``qkv`` as HF's ``query`` / ``key`` / ``value`` tensors (copies, so that a
+    checkpoint writer never sees tensors sharing storage)."""
+    parts = {kind: state_dict.pop(f"{prefix}qkv.{kind}").chunk(3) for kind in ("weight", "bias")}  # 3 x (E, ...)
+    for i, name in enumerate(_QKV):  # HF's order: query.weight, query.bias, key.weight, ...
+        for kind in ("weight", "bias"):
+            state_dict[f"{prefix}{name}.{kind}"] = parts[kind][i].clone()
+
+
+def _fuse_qkv(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: HF's ``query`` / ``key`` / ``value`` tensors concatenated into ``qkv``."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in _QKV]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])  # (3E, ...)
+
+
 class BertSelfAttention(nn.Module):
-    """Query, key and value projections (one fused GEMM) and fastlm.attention with key padding."""
+    """Query, key and value projections stored fused, ``qkv``: weight (3E, E) = [query; key; value] and
+    bias (3E,), one GEMM; fastlm.attention with key padding. state_dict() and load_state_dict() use HF's
+    separate ``query`` / ``key`` / ``value`` names (E, E) / (E,)."""
 
     def __init__(self, config):
         super().__init__()
         E = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, E)
+        self.qkv = nn.Linear(E, 3 * E)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
 
     def forward(self, x, mask):
         B, L, E = x.shape
         H = self.num_heads
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3E, E)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3E,)
-        qkv = F.linear(x, weight, bias).view(B, L, 3, H, E // H)  # (B, L, 3, H, D)
+        qkv = self.qkv(x).view(B, L, 3, H, E // H)  # (B, L, 3E) -> (B, L, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), views
         out = attention(q, k, v, key_padding_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, L, E)  # (B, H, L, D) -> (B, L, H, D) -> (B, L, E)

@@ -30,6 +30,7 @@ def read_checkpoint(source, model_type):
     model_type: the expected ``config.model_type`` ("bert", "gpt2", "t5"); another one is a ValueError.
     A file that is not valid JSON / safetensors (garbage, truncated) is a ValueError naming the file.
     """
+    load_file = require("safetensors.torch", "models", "reading a checkpoint").load_file
     if isinstance(source, nn.Module):
         if not hasattr(source, "config"):
             raise TypeError(
@@ -41,7 +42,7 @@ def read_checkpoint(source, model_type):
     else:
         directory = Path(source)
         config = _read_json_object(directory / CONFIG_NAME)
-        state_dict = _read_weights(directory)
+        state_dict = _read_weights(directory, load_file)
     found = config.get("model_type")
     if found != model_type:
         raise ValueError(
@@ -71,10 +72,11 @@ def _read_json_object(path):
     return value
 
 
-def _read_weights(directory):
-    """The state_dict of model.safetensors in ``directory``, or of the shards its index names."""
+def _read_weights(directory, load_file):
+    """The state_dict of model.safetensors in ``directory``, or of the shards its index names, read with
+    safetensors' ``load_file``."""
     if (directory / WEIGHTS_NAME).is_file():
-        return _read_safetensors(directory / WEIGHTS_NAME)
+        return _read_safetensors(directory / WEIGHTS_NAME, load_file)
     index_path = directory / WEIGHTS_INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(
@@ -86,18 +88,19 @@ def _read_weights(directory):
         raise ValueError(f"from_pretrained: {index_path} must map tensor names to shard files in 'weight_map'")
     state_dict = {}
     for shard in sorted(set(weight_map.values())):
-        state_dict.update(_read_safetensors(directory / shard))
+        state_dict.update(_read_safetensors(directory / shard, load_file))
     return state_dict
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, load_file):
     """The tensors of the safetensors file ``path``; a ValueError naming it when it cannot be read."""
+    from safetensors import SafetensorError  # installed: load_file comes from it
+
     if not path.is_file():
         raise FileNotFoundError(f"from_pretrained: the weights file {path} does not exist")
-    load_file = require("safetensors.torch", "models", "reading a checkpoint").load_file
     try:
         return load_file(path)
-    except require("safetensors", "models", "reading a checkpoint").SafetensorError as err:
+    except SafetensorError as err:
         raise ValueError(f"from_pretrained: {path} is not a readable safetensors file (truncated?): {err}") from err
 
 
