@@ -40,12 +40,12 @@ def activation(name):
 
 
 def check_ids(ids, vocab_size, name="input_ids", *, table="the vocabulary"):
-    """Raise unless ``ids`` is an integer (B, L) tensor, L >= 1, with values in [0, vocab_size) (the rows
-    of ``table``). TypeError for a non-tensor or a floating/bool tensor, ValueError for a bad shape or value."""
+    """Raise unless ``ids`` is an int64 or int32 (B, L) tensor, L >= 1, with values in [0, vocab_size) (the
+    rows of ``table``). TypeError for a non-tensor or another dtype, ValueError for a bad shape or value."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor (B, L), got a {type(ids).__name__}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (B, L), got dtype {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (B, L) of dtype int64 or int32, got dtype {ids.dtype}")
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"{name} must have shape (B, L) with L >= 1, got {tuple(ids.shape)}")
     if ids.numel():
@@ -74,26 +74,26 @@ def check_same_shape(tensor, name, shape, expected="(B, L)"):
         raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
-def attention_mask_bool(attention_mask, shape, expected="(B, L)"):
+def attention_mask_bool(attention_mask, shape, expected="(B, L)", name="attention_mask"):
     """HF's attention_mask of ``shape``, 1 = token / 0 = padding (bool, integer or floating), as a bool
     tensor, True = attend. Any other value is a ValueError (an additive 0 / -inf mask would otherwise
     silently attend to the padding)."""
-    check_same_shape(attention_mask, "attention_mask", shape, expected)
+    check_same_shape(attention_mask, name, shape, expected)
     if attention_mask.is_complex():
-        raise TypeError(f"attention_mask must be bool, integer or floating, got dtype {attention_mask.dtype}")
+        raise TypeError(f"{name} must be bool, integer or floating, got dtype {attention_mask.dtype}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token), got other values")
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got other values")
     return attention_mask != 0
 
 
-def key_padding_mask(attention_mask, shape, expected="(B, L)"):
+def key_padding_mask(attention_mask, shape, expected="(B, L)", name="attention_mask"):
     """HF's attention_mask (see ``attention_mask_bool``) as fastlm.attention's bool key_padding_mask; None
     when absent or when every key is attended (the kernels then skip the mask)."""
     if attention_mask is None:
         return None
-    mask = attention_mask_bool(attention_mask, shape, expected)
+    mask = attention_mask_bool(attention_mask, shape, expected, name)
     return None if bool(mask.all()) else mask
 
 

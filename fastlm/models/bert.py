@@ -131,6 +131,7 @@ class BertEmbeddings(nn.Module):
 
 
 _QKV = ("query", "key", "value")
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # saved by older HF versions, ignored
 
 
 def _split_qkv(module, state_dict, prefix, local_metadata):
@@ -266,7 +267,7 @@ class BertModel(PretrainedMixin, nn.Module):
         init_normal(self, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "body": True, "new": ("pooler.",)}
+        return {"prefix": "bert.", "body": True, "new": ("pooler.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, E); checks input_ids
@@ -346,7 +347,7 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         init_normal(self.cls, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "new": ("cls.",), "dropped": ("cls.predictions.decoder.",)}
+        return {"prefix": "bert.", "new": ("cls.",), "dropped": ("cls.predictions.decoder.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
         body = self.bert(input_ids, attention_mask, token_type_ids)
@@ -384,6 +385,7 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
             "prefix": "bert.",
             "new": ("cls.",),
             "dropped": ("cls.predictions.decoder.", "bert.pooler.", "cls.seq_relationship."),
+            "buffers": _BUFFERS,
         }
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
@@ -416,7 +418,7 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         init_normal(self.classifier, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "new": ("classifier.", "bert.pooler."), "dropped": ("cls.",)}
+        return {"prefix": "bert.", "new": ("classifier.", "bert.pooler."), "dropped": ("cls.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output  # (B, E)

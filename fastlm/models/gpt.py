@@ -206,7 +206,7 @@ class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
                 nn.init.normal_(p, std=scaled_std(config.initializer_range, config.n_layer))
 
     def hf_keys(self):
-        return {"prefix": "transformer.", "dropped": ("lm_head.",)}
+        return {"prefix": "transformer.", "dropped": ("lm_head.",), "buffers": (".attn.bias", ".attn.masked_bias")}
 
     @staticmethod
     def _state_from_hf(state_dict):
@@ -248,6 +248,8 @@ class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
             if attention_mask is None
             else attention_mask_bool(attention_mask, (B, L))
         )
+        if not bool(tokens[:, -1].all()):
+            raise ValueError("generate: attention_mask must be 1 in the last column (pad prompts on the LEFT)")
         mask = tokens.long()  # (B, L), grows by one column per step
         self._check_fits(mask.sum(-1), max_new_tokens)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
@@ -265,11 +267,9 @@ class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
         return input_ids, F.linear(h[:, -1], weight), step
 
     def _check_fits(self, lengths, max_new_tokens):
-        """ValueError when a prompt row has no token, or when the longest one's lengths (B,) tokens and the
-        new ones (the last needs no position) run past the position table."""
-        shortest, longest = torch.stack(torch.aminmax(lengths)).tolist() if lengths.numel() else (1, 0)
-        if shortest == 0:
-            raise ValueError("generate: a row of attention_mask has no token (all 0); every prompt needs one")
+        """ValueError when the longest prompt of lengths (B,) tokens and the new ones (the last one needs no
+        position) run past the position table."""
+        longest = int(lengths.max()) if lengths.numel() else 0
         fit = self.config.n_positions - longest + 1
         if max_new_tokens > fit:
             raise ValueError(

@@ -118,7 +118,7 @@ def write_checkpoint(directory, config, state_dict):
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), new=(), dropped=()):
+def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), new=(), dropped=(), buffers=()):
     """Load ``state_dict`` (HF key names) into ``model``, strictly, with errors that list the keys.
 
     prefix: the body's prefix in HF's head classes ("bert.", "transformer."). A head model (body=False)
@@ -128,9 +128,12 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
     new: key prefixes of heads that a pretrained checkpoint may lack: freshly initialised when the checkpoint
         has no key under the prefix (a partly present head is an error).
     dropped: key prefixes of other heads that may be in the checkpoint and are ignored.
+    buffers: key suffixes of buffers that older HF versions saved (GPT-2's causal mask ``attn.bias``,
+        BERT's ``position_ids``) and that are ignored.
     Returns the sorted keys that were freshly initialised.
     """
     expected = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(tuple(buffers))}
     under_prefix = any(k.startswith(prefix) for k in state_dict)
     if body and under_prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -173,7 +176,7 @@ class PretrainedMixin:
 
     A class sets ``config_class`` and ``hf_architecture`` (HF's class name) and describes its keys with
     ``hf_keys()``: a dict of ``load_state_dict_checked``'s keyword arguments (prefix, body, tied, new,
-    dropped). ``_state_from_hf`` / ``_state_to_hf`` convert layouts that differ (GPT-2's Conv1D).
+    dropped, buffers). ``_state_from_hf`` / ``_state_to_hf`` convert layouts that differ (GPT-2's Conv1D).
     """
 
     config_class = None

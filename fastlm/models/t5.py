@@ -333,6 +333,20 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         mask = key_padding_mask(attention_mask, input_ids.shape)
         return self.encoder(self.shared(input_ids), mask=mask)
 
+    def _encoded(self, input_ids, attention_mask, encoder_outputs):
+        """The encoder output (B, Ls, E): ``encoder_outputs`` when given (checked), else encode(input_ids)."""
+        if encoder_outputs is None:
+            return self.encode(input_ids, attention_mask)
+        E = self.config.d_model
+        if (
+            not isinstance(encoder_outputs, torch.Tensor)
+            or encoder_outputs.dim() != 3
+            or encoder_outputs.shape[-1] != E
+        ):
+            shape = tuple(encoder_outputs.shape) if isinstance(encoder_outputs, torch.Tensor) else type(encoder_outputs)
+            raise ValueError(f"encoder_outputs must be a tensor (B, Ls, d_model={E}) (encode()'s output), got {shape}")
+        return encoder_outputs
+
     def _memory(self, encoded, attention_mask):
         """Per decoder layer, the cross-attention (k, v) of the encoder output; and the (B, Ls) mask."""
         memory_kv = [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
@@ -356,7 +370,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         decoder_attention_mask=None,
         encoder_outputs=None,
     ):
-        encoded = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        encoded = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
@@ -366,7 +380,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         memory_kv, memory_mask = self._memory(encoded, attention_mask)
         h = self.decoder(
             self.shared(decoder_input_ids),
-            mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape),
+            mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"),
             memory_kv=memory_kv,
             memory_mask=memory_mask,
         )  # (B, Lt, E)

@@ -45,8 +45,13 @@ IDS = torch.arange(B * L).reshape(B, L) % V
     [
         (IDS[0], ValueError, r"input_ids must have shape \(B, L\) with L >= 1, got \(5,\)"),
         (IDS[:, :0], ValueError, r"input_ids must have shape \(B, L\) with L >= 1, got \(2, 0\)"),
-        (IDS.float(), TypeError, r"input_ids must be an integer tensor \(B, L\), got dtype torch.float32"),
+        (
+            IDS.float(),
+            TypeError,
+            r"input_ids must be an integer tensor \(B, L\) of dtype int64 or int32, got dtype torch.float32",
+        ),
         (IDS.tolist(), TypeError, r"input_ids must be an integer tensor \(B, L\), got a list"),
+        (IDS.to(torch.uint8), TypeError, r"input_ids must be .* of dtype int64 or int32, got dtype torch.uint8"),
         (IDS + V, ValueError, r"input_ids holds ids in \[29, 38\], outside the vocabulary \[0, 29\)"),
     ],
 )
@@ -108,3 +113,16 @@ def test_t5_labels_are_checked_before_shifting():
         model(IDS, labels=torch.tensor([[1, 29], [-100, 0]]))
     with pytest.raises(TypeError, match=r"labels \(where not -100\) must be an integer tensor"):
         model(IDS, labels=torch.ones(B, 2))
+
+
+def test_t5_decoder_mask_and_encoder_outputs():
+    model = tiny("t5")
+    dec = torch.zeros(B, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"decoder_attention_mask must have shape \(B, Lt\) = \(2, 2\), got \(2, 3\)"):
+        model(IDS, decoder_input_ids=dec, decoder_attention_mask=torch.ones(B, 3))
+    with pytest.raises(ValueError, match=r"encoder_outputs must be a tensor \(B, Ls, d_model=16\).*got \(2, 5, 7\)"):
+        model(IDS, decoder_input_ids=dec, encoder_outputs=torch.zeros(B, L, 7))
+    encoded = model.encode(IDS)
+    assert torch.equal(
+        model(IDS, decoder_input_ids=dec, encoder_outputs=encoded).logits, model(IDS, decoder_input_ids=dec).logits
+    )

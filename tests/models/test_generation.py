@@ -92,12 +92,14 @@ def test_generate_zero_new_tokens_returns_the_prefix(make, prefix):
 
 
 def test_generate_empty_prompts():
-    """GPT needs a token to continue (an empty prompt or an all-padding row is an error naming the BOS
-    token); T5 needs a source of at least one token."""
+    """GPT needs a token to continue (an empty prompt is an error naming the BOS token; an all-padding or
+    right-padded row, an error asking for left padding); T5 needs a source of at least one token."""
     with pytest.raises(ValueError, match=r"generate: input_ids must hold at least one token .*bos_token_id=50256"):
         tiny_gpt().generate(PROMPT[:, :0])
-    with pytest.raises(ValueError, match="a row of attention_mask has no token"):
+    with pytest.raises(ValueError, match=r"attention_mask must be 1 in the last column \(pad prompts on the LEFT\)"):
         tiny_gpt().generate(PROMPT, torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="attention_mask must be 1 in the last column"):  # right padding
+        tiny_gpt().generate(PROMPT, torch.tensor([[1, 1, 1], [1, 1, 0]]))
     with pytest.raises(ValueError, match=r"input_ids must have shape \(B, L\) with L >= 1, got \(2, 0\)"):
         tiny_t5().generate(PROMPT[:, :0])
     with pytest.raises(ValueError, match=r"input_ids must have shape \(B, L\) with L >= 1, got \(3,\)"):

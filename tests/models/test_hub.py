@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fastlm.models import BertConfig, BertForMaskedLM, GPTConfig, GPTLMHeadModel, T5Config
 
@@ -79,3 +79,22 @@ def test_configs_check_their_field_types():
     assert GPTConfig(layer_norm_epsilon=0).layer_norm_epsilon == 0  # an int is a valid float
     with pytest.raises(TypeError, match="GPTConfig.n_embd must be int, got '128'"):
         GPTLMHeadModel.config_class.preset("gpt2-tiny", n_embd="128")
+
+
+def test_buffers_of_older_hf_checkpoints_are_ignored(saved, tmp_path):
+    """Older HF versions saved BERT's position_ids and GPT-2's causal-mask buffers with the weights."""
+    path = saved / "model.safetensors"
+    weights = load_file(path)
+    save_file({**weights, "bert.embeddings.position_ids": torch.arange(512)[None]}, path)
+    BertForMaskedLM.from_pretrained(saved)
+    gpt_dir = tmp_path / "gpt"
+    GPTLMHeadModel(GPTConfig.preset("gpt2-tiny", vocab_size=V, n_embd=16, n_layer=1, n_positions=8)).save_pretrained(
+        gpt_dir
+    )
+    weights = load_file(gpt_dir / "model.safetensors")
+    buffers = {
+        "transformer.h.0.attn.bias": torch.ones(8, 8, dtype=torch.bool).tril()[None, None],
+        "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+    }
+    save_file({**weights, **buffers}, gpt_dir / "model.safetensors")
+    GPTLMHeadModel.from_pretrained(gpt_dir)
