@@ -158,12 +158,17 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
 
 
 def _check_tensor(key, value, expected, model_name):
-    """ValueError when checkpoint tensor ``value`` does not have the shape of the model's ``expected``,
-    or holds NaN or infinite values (a corrupt checkpoint: loading it would make every output NaN)."""
+    """ValueError when checkpoint tensor ``value`` does not have the shape of the model's ``expected``, is
+    integer where it is floating point (or the reverse), or holds NaN or infinite values (a corrupt
+    checkpoint: loading it would make every output NaN)."""
     if tuple(value.shape) != tuple(expected.shape):
         raise ValueError(
             f"from_pretrained: {key} has shape {tuple(value.shape)} in the checkpoint, "
             f"{model_name} expects {tuple(expected.shape)}"
+        )
+    if value.is_floating_point() != expected.is_floating_point():
+        raise ValueError(
+            f"from_pretrained: {key} has dtype {value.dtype} in the checkpoint, {model_name} holds {expected.dtype}"
         )
     if value.is_floating_point():
         bad = int((~torch.isfinite(value)).sum())
@@ -205,6 +210,8 @@ class PretrainedMixin:
         model.safetensors) or an HF ``PreTrainedModel``. ``overrides`` replace config fields (e.g.
         ``num_labels`` for a new classification head, dropout rates). Heads the checkpoint lacks are
         freshly initialised and listed in ``model.initialised_keys``; any other mismatch is a ValueError.
+        The model is returned in training mode (nn.Module's default; HF's returns eval mode): call
+        ``.eval()`` before inference.
         """
         hf_config, state_dict = read_checkpoint(source, cls.config_class.model_type)
         try:

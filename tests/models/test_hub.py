@@ -98,3 +98,13 @@ def test_buffers_of_older_hf_checkpoints_are_ignored(saved, tmp_path):
     }
     save_file({**weights, **buffers}, gpt_dir / "model.safetensors")
     GPTLMHeadModel.from_pretrained(gpt_dir)
+
+
+def test_integer_weights_are_refused(saved):
+    model = BertForMaskedLM.from_pretrained(saved)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["cls.predictions.bias"] = state["cls.predictions.bias"].long()
+    save_file(state, saved / "model.safetensors")
+    message = r"cls.predictions.bias has dtype torch.int64 in the checkpoint, BertForMaskedLM holds torch.float32"
+    with pytest.raises(ValueError, match=message):
+        BertForMaskedLM.from_pretrained(saved)
