@@ -124,11 +124,29 @@ class HFConfig:
     """Mixin of the dataclass configs: field names are HF's, so converting is a rename-free copy.
 
     Subclasses set ``model_type`` (HF's), ``PRESETS`` (name -> field overrides) and may override
-    ``_check_hf`` to reject HF options the model does not implement.
+    ``_check_hf`` to reject HF options the model does not implement and ``_check_values`` to reject values
+    the model cannot be built with (checked at construction, after the field types).
     """
 
     def __post_init__(self):
         self._check_types()
+        self._check_values()
+
+    def _check_values(self):
+        pass
+
+    def _check_activation(self, field, name=None):
+        """ValueError naming ``field`` unless its activation (``name``, default: the field's value) exists."""
+        try:
+            activation(getattr(self, field) if name is None else name)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {err}") from None
+
+    def _check_heads(self, width, heads):
+        """ValueError unless field ``heads`` is >= 1 and divides field ``width`` (the attention head split)."""
+        w, h = getattr(self, width), getattr(self, heads)
+        if h < 1 or w % h:
+            raise ValueError(f"{type(self).__name__}: {width}={w} is not a multiple of {heads}={h} (>= 1)")
 
     def _check_types(self):
         """TypeError / ValueError unless every field holds a value of its annotated type (an int is a valid

@@ -69,6 +69,10 @@ class BertConfig(HFConfig):
         "bert-tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
     }
 
+    def _check_values(self):
+        self._check_heads("hidden_size", "num_attention_heads")
+        self._check_activation("hidden_act")
+
     @classmethod
     def _check_hf(cls, config):
         if config.get("position_embedding_type", "absolute") != "absolute":
@@ -256,11 +260,6 @@ class BertModel(PretrainedMixin, nn.Module):
     def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
-                f"BertConfig: hidden_size={config.hidden_size} is not a multiple of "
-                f"num_attention_heads={config.num_attention_heads}"
-            )
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None

@@ -61,6 +61,10 @@ class GPTConfig(HFConfig):
         "gpt2-tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2, "n_positions": 256},
     }
 
+    def _check_values(self):
+        self._check_heads("n_embd", "n_head")
+        self._check_activation("activation_function")
+
     @classmethod
     def _check_hf(cls, config):
         unsupported = {
@@ -197,8 +201,6 @@ class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        if config.n_embd % config.n_head:
-            raise ValueError(f"GPTConfig: n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
         self.transformer = GPTModel(config)
         init_normal(self, config.initializer_range)
         for name, p in self.named_parameters():

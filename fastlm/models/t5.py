@@ -82,6 +82,11 @@ class T5Config(HFConfig):
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
 
+    def _check_values(self):
+        if self.num_heads < 1:
+            raise ValueError(f"T5Config: num_heads must be >= 1, got {self.num_heads}")
+        self._check_activation("feed_forward_proj", self.act)
+
     @property
     def gated(self):
         """Whether the feed-forward is gated (v1.1: act(wi_0 x) * wi_1 x)."""

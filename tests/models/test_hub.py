@@ -41,6 +41,11 @@ def test_unreadable_weights_name_the_file(saved, cut, problem):
         ('{"model_type": "bert", "hidden_size": 16.0}', r"config.json: .*BertConfig.hidden_size must be int, got 16.0"),
         ('{"model_type": "bert", "hidden_dropout_prob": true}', r"config.json: .*dropout_prob must be float, got True"),
         ('{"model_type": "bert", "num_hidden_layers": -1}', r"config.json: .*num_hidden_layers must be >= 0, got -1"),
+        (
+            '{"model_type": "bert", "num_attention_heads": 5}',
+            r"config.json: BertConfig: hidden_size=768 is not a multiple of num_attention_heads=5",
+        ),
+        ('{"model_type": "bert", "hidden_act": "swish2"}', r"config.json: BertConfig.hidden_act='swish2': unsupported"),
         ('{"model_type": "bert", "problem_type": 3}', r"config.json: .*problem_type must be str or None, got 3"),
     ],
 )
@@ -77,6 +82,10 @@ def test_configs_check_their_field_types():
     with pytest.raises(TypeError, match="T5Config.num_decoder_layers must be int or None, got 2.5"):
         T5Config(num_decoder_layers=2.5)
     assert GPTConfig(layer_norm_epsilon=0).layer_norm_epsilon == 0  # an int is a valid float
+    with pytest.raises(ValueError, match=r"GPTConfig: n_embd=768 is not a multiple of n_head=0 \(>= 1\)"):
+        GPTConfig(n_head=0)
+    with pytest.raises(ValueError, match="T5Config.feed_forward_proj='gated-foo': unsupported activation 'foo'"):
+        T5Config(feed_forward_proj="gated-foo")
     with pytest.raises(TypeError, match="GPTConfig.n_embd must be int, got '128'"):
         GPTLMHeadModel.config_class.preset("gpt2-tiny", n_embd="128")
 
