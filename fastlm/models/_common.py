@@ -142,6 +142,15 @@ class HFConfig:
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {err}") from None
 
+    def _check_token_ids(self, *fields):
+        """ValueError unless each of ``fields`` holds a token id in [0, vocab_size)."""
+        for field in fields:
+            value = getattr(self, field)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"{type(self).__name__}.{field}={value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
     def _check_heads(self, width, heads):
         """ValueError unless field ``heads`` is >= 1 and divides field ``width`` (the attention head split)."""
         w, h = getattr(self, width), getattr(self, heads)

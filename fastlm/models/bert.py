@@ -71,6 +71,7 @@ class BertConfig(HFConfig):
 
     def _check_values(self):
         self._check_heads("hidden_size", "num_attention_heads")
+        self._check_token_ids("pad_token_id")
         self._check_activation("hidden_act")
 
     @classmethod

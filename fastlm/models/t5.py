@@ -85,6 +85,7 @@ class T5Config(HFConfig):
     def _check_values(self):
         if self.num_heads < 1:
             raise ValueError(f"T5Config: num_heads must be >= 1, got {self.num_heads}")
+        self._check_token_ids("pad_token_id", "decoder_start_token_id")
         self._check_activation("feed_forward_proj", self.act)
 
     @property

@@ -86,6 +86,10 @@ def test_configs_check_their_field_types():
         GPTConfig(n_head=0)
     with pytest.raises(ValueError, match="T5Config.feed_forward_proj='gated-foo': unsupported activation 'foo'"):
         T5Config(feed_forward_proj="gated-foo")
+    with pytest.raises(ValueError, match=r"T5Config.decoder_start_token_id=32 is outside the vocabulary \[0, 32\)"):
+        T5Config(vocab_size=32, decoder_start_token_id=32)
+    with pytest.raises(ValueError, match=r"BertConfig.pad_token_id=-1 is outside the vocabulary \[0, 30522\)"):
+        BertConfig(pad_token_id=-1)
     with pytest.raises(TypeError, match="GPTConfig.n_embd must be int, got '128'"):
         GPTLMHeadModel.config_class.preset("gpt2-tiny", n_embd="128")
 
