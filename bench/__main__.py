@@ -42,20 +42,39 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _keep(module, args):
-    """The `keep(shape, dtype)` filter of --shapes and --headline, or None (keep all)."""
-    shapes = {s.strip() for s in args.shapes.split(",") if s.strip()}
+def _keep(module, args, shapes):
+    """The `keep(shape, dtype)` filter of --shapes (a harness.ShapeFilter) and --headline."""
     headline = getattr(module, "HEADLINE", None) if args.headline and not args.quick else None
-    if not shapes and headline is None:
-        return None
     first_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
     def keep(shape, dtype):
-        if shapes and shape not in shapes:
+        if not shapes(shape):
             return False
         return headline is None or (shape in headline and dtype == first_dtype)
 
     return keep
+
+
+def _op_cases(ops, device, args):
+    """{op: its cases after --shapes / --headline} for the op suites in `ops`; SystemExit naming the
+    labels of --shapes that no case of these suites has, and the labels they do have."""
+    try:
+        shapes = harness.ShapeFilter(args.shapes)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    cases = {}
+    for op in (op for op in ops if op != "models"):
+        module = importlib.import_module(f".bench_{op}", __package__)
+        cases[op] = module.cases(device, quick=args.quick, keep=_keep(module, args, shapes))
+    unmatched = shapes.unmatched()
+    if unmatched:
+        suites = ", ".join(cases) or "no op suite (--shapes selects op shapes; the models suite has none)"
+        where = f"{device.type}{' with --quick' if args.quick else ''}"
+        raise SystemExit(
+            f"--shapes: no case of {suites} has shape {', '.join(map(repr, unmatched))}; "
+            f"their shapes on {where}: {', '.join(sorted(shapes.offered)) or 'none'}"
+        )
+    return cases
 
 
 def main(argv=None):
@@ -69,14 +88,14 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     reps = args.reps or (3 if args.quick else 15)
+    op_cases = _op_cases(ops, device, args)
 
     def over_budget():
         return args.budget_s is not None and time.monotonic() - start > args.budget_s
 
     if args.warm_only:
-        for op in (op for op in ops if op != "models"):
-            module = importlib.import_module(f".bench_{op}", __package__)
-            for case in module.cases(device, quick=args.quick, keep=_keep(module, args)):
+        for cases in op_cases.values():
+            for case in cases:
                 if over_budget():
                     return
                 harness.warm_case(case)
@@ -93,16 +112,15 @@ def main(argv=None):
     slug = "quick-" + device.type if args.quick else device.type
     written = []
     for op in ops:
-        module = importlib.import_module(f".bench_{op}", __package__)
         if op == "models":
             if over_budget():
                 print("models: not run (time budget)")
                 continue
-            module.run_all(device, args.quick, args.reps or (3 if args.quick else 10), args.out, meta)
+            models = importlib.import_module(".bench_models", __package__)
+            models.run_all(device, args.quick, args.reps or (3 if args.quick else 10), args.out, meta)
             continue
         rows = []
-        for case in tqdm(module.cases(device, quick=args.quick, keep=_keep(module, args)), desc=f"bench {op}",
-                         unit="case", file=sys.stderr):  # fmt: skip
+        for case in tqdm(op_cases[op], desc=f"bench {op}", unit="case", file=sys.stderr):
             if over_budget():
                 rows.extend(harness.skipped_rows(case, "not run: time budget"))
                 continue

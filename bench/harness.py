@@ -57,6 +57,29 @@ class Row:
     note: str = ""
 
 
+class ShapeFilter:
+    """The shape labels of --shapes (comma-separated, e.g. "8192x768,gpt2 8x1024"; empty: keep all).
+
+    Called with each label a benchmark module offers, it says whether to keep it and records the label,
+    so that ``unmatched()`` can name the requested labels no module offered (typos are errors, not
+    silently empty runs).
+    """
+
+    def __init__(self, text):
+        self.wanted = {label.strip() for label in text.split(",") if label.strip()}
+        if text.strip() and not self.wanted:
+            raise ValueError(f"--shapes: no shape label in {text!r}; expected comma-separated labels such as 8192x768")
+        self.offered = set()
+
+    def __call__(self, shape):
+        self.offered.add(shape)
+        return not self.wanted or shape in self.wanted
+
+    def unmatched(self):
+        """The requested labels that no case offered, sorted."""
+        return sorted(self.wanted - self.offered)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import types
+import typing
 
 import torch
 from torch import nn
@@ -9,7 +11,18 @@ from torch.nn import functional as F
 
 from ..nn import LayerNorm, RMSNorm
 
-__all__ = ["HFConfig", "activation", "check_ids", "check_length", "init_normal", "key_padding_mask", "scaled_std"]
+__all__ = [
+    "HFConfig",
+    "activation",
+    "attention_mask_bool",
+    "check_ids",
+    "check_labels",
+    "check_length",
+    "check_same_shape",
+    "init_normal",
+    "key_padding_mask",
+    "scaled_std",
+]
 
 
 def _gelu_tanh(x):
@@ -26,15 +39,25 @@ def activation(name):
     return _ACTIVATIONS[name]
 
 
-def check_ids(ids, vocab_size, name="input_ids"):
-    """Raise ValueError unless ``ids`` is an integer (B, L) tensor with values in [0, vocab_size)."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an integer tensor (B, L), got {shape}")
+def check_ids(ids, vocab_size, name="input_ids", *, table="the vocabulary"):
+    """Raise unless ``ids`` is an int64 or int32 (B, L) tensor, L >= 1, with values in [0, vocab_size) (the
+    rows of ``table``). TypeError for a non-tensor or another dtype, ValueError for a bad shape or value."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor (B, L), got a {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (B, L) of dtype int64 or int32, got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, L) with L >= 1, got {tuple(ids.shape)}")
     if ids.numel():
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
         if low < 0 or high >= vocab_size:
-            raise ValueError(f"{name} holds ids in [{low}, {high}], outside the vocabulary [0, {vocab_size})")
+            raise ValueError(f"{name} holds ids in [{low}, {high}], outside {table} [0, {vocab_size})")
+
+
+def check_labels(labels, vocab_size):
+    """Raise unless ``labels`` is an integer (B, L) tensor of token ids in [0, vocab_size) or -100 (ignored)."""
+    ids = labels.masked_fill(labels == -100, 0) if isinstance(labels, torch.Tensor) else labels
+    check_ids(ids, vocab_size, "labels (where not -100)")
 
 
 def check_length(length, max_positions, name="input_ids"):
@@ -43,14 +66,34 @@ def check_length(length, max_positions, name="input_ids"):
         raise ValueError(f"{name} has {length} positions but the model's position table holds {max_positions}")
 
 
-def key_padding_mask(attention_mask, shape):
-    """HF's attention_mask (B, L), 1 = attend, as fastlm.attention's bool key_padding_mask; None when
-    absent or when every key is attended (the kernels then skip the mask)."""
+def check_same_shape(tensor, name, shape, expected="(B, L)"):
+    """Raise unless ``tensor`` is a tensor of ``shape`` (described as ``expected`` in the message)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {expected}, got a {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def attention_mask_bool(attention_mask, shape, expected="(B, L)", name="attention_mask"):
+    """HF's attention_mask of ``shape``, 1 = token / 0 = padding (bool, integer or floating), as a bool
+    tensor, True = attend. Any other value is a ValueError (an additive 0 / -inf mask would otherwise
+    silently attend to the padding)."""
+    check_same_shape(attention_mask, name, shape, expected)
+    if attention_mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating, got dtype {attention_mask.dtype}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got other values")
+    return attention_mask != 0
+
+
+def key_padding_mask(attention_mask, shape, expected="(B, L)", name="attention_mask"):
+    """HF's attention_mask (see ``attention_mask_bool``) as fastlm.attention's bool key_padding_mask; None
+    when absent or when every key is attended (the kernels then skip the mask)."""
     if attention_mask is None:
         return None
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
-    mask = attention_mask.bool()
+    mask = attention_mask_bool(attention_mask, shape, expected, name)
     return None if bool(mask.all()) else mask
 
 
@@ -81,8 +124,52 @@ class HFConfig:
     """Mixin of the dataclass configs: field names are HF's, so converting is a rename-free copy.
 
     Subclasses set ``model_type`` (HF's), ``PRESETS`` (name -> field overrides) and may override
-    ``_check_hf`` to reject HF options the model does not implement.
+    ``_check_hf`` to reject HF options the model does not implement and ``_check_values`` to reject values
+    the model cannot be built with (checked at construction, after the field types).
     """
+
+    def __post_init__(self):
+        self._check_types()
+        self._check_values()
+
+    def _check_values(self):
+        pass
+
+    def _check_activation(self, field, name=None):
+        """ValueError naming ``field`` unless its activation (``name``, default: the field's value) exists."""
+        try:
+            activation(getattr(self, field) if name is None else name)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {err}") from None
+
+    def _check_token_ids(self, *fields):
+        """ValueError unless each of ``fields`` holds a token id in [0, vocab_size)."""
+        for field in fields:
+            value = getattr(self, field)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"{type(self).__name__}.{field}={value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    def _check_heads(self, width, heads):
+        """ValueError unless field ``heads`` is >= 1 and divides field ``width`` (the attention head split)."""
+        w, h = getattr(self, width), getattr(self, heads)
+        if h < 1 or w % h:
+            raise ValueError(f"{type(self).__name__}: {width}={w} is not a multiple of {heads}={h} (>= 1)")
+
+    def _check_types(self):
+        """TypeError / ValueError unless every field holds a value of its annotated type (an int is a valid
+        float; a bool is not a number) and the counts (int fields other than token ids) are >= 0."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+            ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                expected = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TypeError(f"{type(self).__name__}.{f.name} must be {expected}, got {value!r}")
+            if type(value) is int and not f.name.endswith("_id") and value < 0:
+                raise ValueError(f"{type(self).__name__}.{f.name} must be >= 0, got {value}")
 
     @classmethod
     def preset(cls, name, **overrides):

@@ -15,7 +15,15 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import LayerNorm
 from ..ops.attention import attention
-from ._common import HFConfig, activation, check_ids, check_length, init_normal, key_padding_mask
+from ._common import (
+    HFConfig,
+    activation,
+    check_ids,
+    check_length,
+    check_same_shape,
+    init_normal,
+    key_padding_mask,
+)
 from .hub import PretrainedMixin
 
 __all__ = [
@@ -60,6 +68,11 @@ class BertConfig(HFConfig):
         },
         "bert-tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
     }
+
+    def _check_values(self):
+        self._check_heads("hidden_size", "num_attention_heads")
+        self._check_token_ids("pad_token_id")
+        self._check_activation("hidden_act")
 
     @classmethod
     def _check_hf(cls, config):
@@ -110,33 +123,57 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids=None):
-        B, L = input_ids.shape
         check_ids(input_ids, self.config.vocab_size)
+        L = input_ids.shape[1]
         check_length(L, self.config.max_position_embeddings)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        check_ids(token_type_ids, self.config.type_vocab_size, "token_type_ids")
+        check_same_shape(token_type_ids, "token_type_ids", input_ids.shape)
+        check_ids(token_type_ids, self.config.type_vocab_size, "token_type_ids", table="the token types")
         positions = self.position_embeddings.weight[:L]  # (L, E), broadcast over B
         others = self.token_type_embeddings(token_type_ids) + positions  # (B, L, E)
         return self.dropout(self.LayerNorm(self.word_embeddings(input_ids), residual=others))  # (B, L, E)
 
 
+_QKV = ("query", "key", "value")
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # saved by older HF versions, ignored
+
+
+def _split_qkv(module, state_dict, prefix, local_metadata):
+    """state_dict hook: the fused ``qkv`` as HF's ``query`` / ``key`` / ``value`` tensors (copies, so that a
+    checkpoint writer never sees tensors sharing storage)."""
+    parts = {kind: state_dict.pop(f"{prefix}qkv.{kind}").chunk(3) for kind in ("weight", "bias")}  # 3 x (E, ...)
+    for i, name in enumerate(_QKV):  # HF's order: query.weight, query.bias, key.weight, ...
+        for kind in ("weight", "bias"):
+            state_dict[f"{prefix}{name}.{kind}"] = parts[kind][i].clone()
+
+
+def _fuse_qkv(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: HF's ``query`` / ``key`` / ``value`` tensors concatenated into ``qkv``."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in _QKV]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])  # (3E, ...)
+
+
 class BertSelfAttention(nn.Module):
-    """Query, key and value projections (one fused GEMM) and fastlm.attention with key padding."""
+    """Query, key and value projections stored fused, ``qkv``: weight (3E, E) = [query; key; value] and
+    bias (3E,), one GEMM; fastlm.attention with key padding. state_dict() and load_state_dict() use HF's
+    separate ``query`` / ``key`` / ``value`` names (E, E) / (E,)."""
 
     def __init__(self, config):
         super().__init__()
         E = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, E)
+        self.qkv = nn.Linear(E, 3 * E)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
 
     def forward(self, x, mask):
         B, L, E = x.shape
         H = self.num_heads
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3E, E)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3E,)
-        qkv = F.linear(x, weight, bias).view(B, L, 3, H, E // H)  # (B, L, 3, H, D)
+        qkv = self.qkv(x).view(B, L, 3, H, E // H)  # (B, L, 3E) -> (B, L, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), views
         out = attention(q, k, v, key_padding_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, L, E)  # (B, H, L, D) -> (B, L, H, D) -> (B, L, E)
@@ -224,22 +261,17 @@ class BertModel(PretrainedMixin, nn.Module):
     def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
-                f"BertConfig: hidden_size={config.hidden_size} is not a multiple of "
-                f"num_attention_heads={config.num_attention_heads}"
-            )
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         init_normal(self, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "body": True, "new": ("pooler.",)}
+        return {"prefix": "bert.", "body": True, "new": ("pooler.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, L) bool or None
-        h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, L, E)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, L, E); checks input_ids
+        h = self.encoder(x, key_padding_mask(attention_mask, input_ids.shape))  # (B, L, E)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
 
@@ -315,7 +347,7 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         init_normal(self.cls, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "new": ("cls.",), "dropped": ("cls.predictions.decoder.",)}
+        return {"prefix": "bert.", "new": ("cls.",), "dropped": ("cls.predictions.decoder.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
         body = self.bert(input_ids, attention_mask, token_type_ids)
@@ -353,6 +385,7 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
             "prefix": "bert.",
             "new": ("cls.",),
             "dropped": ("cls.predictions.decoder.", "bert.pooler.", "cls.seq_relationship."),
+            "buffers": _BUFFERS,
         }
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
@@ -385,7 +418,7 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         init_normal(self.classifier, config.initializer_range)
 
     def hf_keys(self):
-        return {"prefix": "bert.", "new": ("classifier.", "bert.pooler."), "dropped": ("cls.",)}
+        return {"prefix": "bert.", "new": ("classifier.", "bert.pooler."), "dropped": ("cls.",), "buffers": _BUFFERS}
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output  # (B, E)
@@ -402,10 +435,16 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
             else:
                 problem = "multi_label_classification"
         if problem == "regression":
-            out.loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[:-1]))
+            if labels.numel() != logits.numel():
+                raise ValueError(
+                    f"labels of a regression must have shape (B, num_labels) = {tuple(logits.shape)} (or (B,) "
+                    f"when num_labels == 1), got {tuple(labels.shape)}"
+                )
+            out.loss = F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape))
         elif problem == "single_label_classification":
             out.loss = ops.cross_entropy(logits, labels.reshape(-1))
         elif problem == "multi_label_classification":
+            check_same_shape(labels, "labels", logits.shape, "(B, num_labels)")
             out.loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         else:
             raise ValueError(f"BertForSequenceClassification: unknown problem_type {problem!r}")

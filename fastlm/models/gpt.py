@@ -16,8 +16,17 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import LayerNorm
 from ..ops.attention import attention
-from ._common import HFConfig, activation, check_ids, check_length, init_normal, scaled_std
-from .generation import KVCache, decode
+from ._common import (
+    HFConfig,
+    activation,
+    attention_mask_bool,
+    check_ids,
+    check_length,
+    init_normal,
+    key_padding_mask,
+    scaled_std,
+)
+from .generation import GenerationMixin, KVCache
 from .hub import PretrainedMixin
 
 __all__ = ["GPTConfig", "GPTLMHeadModel", "GPTModel", "GPTOutput"]
@@ -51,6 +60,10 @@ class GPTConfig(HFConfig):
         "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
         "gpt2-tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2, "n_positions": 256},
     }
+
+    def _check_values(self):
+        self._check_heads("n_embd", "n_head")
+        self._check_activation("activation_function")
 
     @classmethod
     def _check_hf(cls, config):
@@ -147,33 +160,39 @@ class GPTModel(nn.Module):
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        B, L = input_ids.shape
         check_ids(input_ids, self.config.vocab_size)
+        B, L = input_ids.shape
         past = cache.length() if cache is not None else 0
-        check_length(past + L, self.config.n_positions)
         if position_ids is None:
+            check_length(past + L, self.config.n_positions)
             position_ids = torch.arange(past, past + L, device=input_ids.device)[None, :]  # (1, L)
-        mask = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (B, past + L):
-                raise ValueError(
-                    f"attention_mask must have shape (B, past + L) = {(B, past + L)}, got {tuple(attention_mask.shape)}"
-                )
-            mask = attention_mask.bool()
-            mask = None if bool(mask.all()) else mask  # (B, Lk)
+        else:
+            self._check_positions(position_ids, B, L)
+        mask = key_padding_mask(attention_mask, (B, past + L), "(B, past + L)")  # (B, Lk) bool or None
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, L, E)
         residual = None
         for i, block in enumerate(self.h):
             x, residual = block(x, residual, mask, cache, i)
         return self.ln_f(x, residual=residual)  # (B, L, E)
 
+    def _check_positions(self, position_ids, B, L):
+        """position_ids: integer (B, L) or (1, L), each in [0, n_positions)."""
+        check_ids(position_ids, self.config.n_positions, "position_ids", table="the position table")
+        if position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise ValueError(
+                f"position_ids must have shape (B, L) = {(B, L)} or (1, L), got {tuple(position_ids.shape)}"
+            )
 
-class GPTLMHeadModel(PretrainedMixin, nn.Module):
+
+class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
     """GPT-2 with its LM head tied to the token embeddings.
 
     forward(input_ids (B, L), attention_mask=None, labels=None, position_ids=None): with labels (B, L)
     (-100 = ignored; shifted inside: position t predicts labels[t + 1]) the mean next-token loss through
     fastlm.linear_cross_entropy, no (B, L, V) logits formed; without, logits (B, L, V).
+
+    generate (GenerationMixin.generate) continues prompts (B, L) batched with LEFT padding and returns the
+    prompts then the new tokens; by default it runs max_new_tokens (no EOS) and pads finished rows with EOS.
     """
 
     config_class = GPTConfig
@@ -182,8 +201,6 @@ class GPTLMHeadModel(PretrainedMixin, nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        if config.n_embd % config.n_head:
-            raise ValueError(f"GPTConfig: n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
         self.transformer = GPTModel(config)
         init_normal(self, config.initializer_range)
         for name, p in self.named_parameters():
@@ -191,7 +208,7 @@ class GPTLMHeadModel(PretrainedMixin, nn.Module):
                 nn.init.normal_(p, std=scaled_std(config.initializer_range, config.n_layer))
 
     def hf_keys(self):
-        return {"prefix": "transformer.", "dropped": ("lm_head.",)}
+        return {"prefix": "transformer.", "dropped": ("lm_head.",), "buffers": (".attn.bias", ".attn.masked_bias")}
 
     @staticmethod
     def _state_from_hf(state_dict):
@@ -212,37 +229,35 @@ class GPTLMHeadModel(PretrainedMixin, nn.Module):
         loss = ops.linear_cross_entropy(h[:, :-1].reshape(-1, E), weight, labels[:, 1:].reshape(-1))
         return GPTOutput(loss=loss, last_hidden_state=h)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        *,
-        max_new_tokens=20,
-        do_sample=False,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        generator=None,
-    ):
-        """Continue each prompt with a KV cache; returns (B, L + n) prompt + new tokens, n <= max_new_tokens.
+    def _special_ids(self, eos_token_id, pad_token_id):
+        """generate's defaults: no EOS (run max_new_tokens); finished rows padded with pad_token_id, else EOS."""
+        eos_token_id = None if eos_token_id == "default" else eos_token_id
+        return eos_token_id, pad_token_id if pad_token_id is not None else eos_token_id
 
-        input_ids (B, L); attention_mask (B, L), 1 = token / 0 = padding: batch prompts of different
-        lengths with LEFT padding (positions count tokens only, as HF does). Greedy by default;
-        do_sample with temperature, top_k, top_p draws from ``generator``. A row stops at
-        eos_token_id (default: none, run max_new_tokens) and is then filled with pad_token_id.
-        """
+    def _start_decoding(self, input_ids, attention_mask, max_new_tokens):
+        """For ``generate`` (see GenerationMixin): the prompts (B, L), LEFT padded when their lengths differ
+        (positions count tokens only, as HF does), each with at least one token; they and max_new_tokens
+        must fit the position table."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(
+                f"generate: input_ids must hold at least one token per prompt (e.g. the BOS token, "
+                f"config.bos_token_id={self.config.bos_token_id}), got shape {tuple(input_ids.shape)}"
+            )
+        check_ids(input_ids, self.config.vocab_size)
         B, L = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.long()  # (B, L), grows by one column per step
+        tokens = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask_bool(attention_mask, (B, L))
+        )
+        if not bool(tokens[:, -1].all()):
+            raise ValueError("generate: attention_mask must be 1 in the last column (pad prompts on the LEFT)")
+        mask = tokens.long()  # (B, L), grows by one column per step
+        self._check_fits(mask.sum(-1), max_new_tokens)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
         cache = KVCache(L + max_new_tokens)
         weight = self.transformer.wte.weight
         h = self.transformer(input_ids, mask, positions, cache)  # (B, L, E)
-        first = F.linear(h[:, -1], weight)  # (B, V)
         state = {"mask": mask, "position": positions[:, -1:]}
 
         def step(tokens):  # (B, 1) -> (B, V)
@@ -251,16 +266,15 @@ class GPTLMHeadModel(PretrainedMixin, nn.Module):
             h = self.transformer(tokens, state["mask"], state["position"], cache)  # (B, 1, E)
             return F.linear(h[:, -1], weight)
 
-        new = decode(
-            step,
-            first,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
-        return torch.cat([input_ids, new], dim=1)
+        return input_ids, F.linear(h[:, -1], weight), step
+
+    def _check_fits(self, lengths, max_new_tokens):
+        """ValueError when the longest prompt of lengths (B,) tokens and the new ones (the last one needs no
+        position) run past the position table."""
+        longest = int(lengths.max()) if lengths.numel() else 0
+        fit = self.config.n_positions - longest + 1
+        if max_new_tokens > fit:
+            raise ValueError(
+                f"generate: max_new_tokens={max_new_tokens} after a prompt of {longest} tokens runs past the "
+                f"position table (n_positions={self.config.n_positions}); at most {fit} new tokens fit"
+            )

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._optional import require
 
-__all__ = ["PretrainedMixin", "load_state_dict_checked", "read_checkpoint", "write_checkpoint"]
+__all__ = ["PretrainedMixin", "config_origin", "load_state_dict_checked", "read_checkpoint", "write_checkpoint"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,9 +28,9 @@ def read_checkpoint(source, model_type):
     source: a directory written by ``save_pretrained`` (HF's or fastlm's; a sharded checkpoint with
         ``model.safetensors.index.json`` works too) or an HF ``PreTrainedModel`` instance.
     model_type: the expected ``config.model_type`` ("bert", "gpt2", "t5"); another one is a ValueError.
+    A file that is not valid JSON / safetensors (garbage, truncated) is a ValueError naming the file.
     """
     load_file = require("safetensors.torch", "models", "reading a checkpoint").load_file
-
     if isinstance(source, nn.Module):
         if not hasattr(source, "config"):
             raise TypeError(
@@ -41,21 +41,8 @@ def read_checkpoint(source, model_type):
         state_dict = {k: v.detach() for k, v in source.state_dict().items()}
     else:
         directory = Path(source)
-        if not (directory / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {directory}")
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        if (directory / WEIGHTS_NAME).is_file():
-            state_dict = load_file(directory / WEIGHTS_NAME)
-        elif (directory / WEIGHTS_INDEX_NAME).is_file():
-            shards = sorted(set(json.loads((directory / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
-            state_dict = {}
-            for shard in shards:
-                state_dict.update(load_file(directory / shard))
-        else:
-            raise FileNotFoundError(
-                f"from_pretrained: no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}; "
-                f"only safetensors checkpoints are read"
-            )
+        config = _read_json_object(directory / CONFIG_NAME)
+        state_dict = _read_weights(directory, load_file)
     found = config.get("model_type")
     if found != model_type:
         raise ValueError(
@@ -63,6 +50,58 @@ def read_checkpoint(source, model_type):
             f"(architectures {config.get('architectures')}), expected model_type {model_type!r}"
         )
     return config, state_dict
+
+
+def config_origin(source):
+    """Where ``read_checkpoint(source)`` took the config from, for error messages."""
+    if isinstance(source, nn.Module):
+        return f"the config of the {type(source).__name__}"
+    return str(Path(source) / CONFIG_NAME)
+
+
+def _read_json_object(path):
+    """The dict in the JSON file ``path``; FileNotFoundError / ValueError naming the file otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"from_pretrained: no {path.name} in {path.parent}")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"from_pretrained: {path} is not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"from_pretrained: {path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _read_weights(directory, load_file):
+    """The state_dict of model.safetensors in ``directory``, or of the shards its index names, read with
+    safetensors' ``load_file``."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return _read_safetensors(directory / WEIGHTS_NAME, load_file)
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"from_pretrained: no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}; "
+            f"only safetensors checkpoints are read"
+        )
+    weight_map = _read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"from_pretrained: {index_path} must map tensor names to shard files in 'weight_map'")
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        state_dict.update(_read_safetensors(directory / shard, load_file))
+    return state_dict
+
+
+def _read_safetensors(path, load_file):
+    """The tensors of the safetensors file ``path``; a ValueError naming it when it cannot be read."""
+    from safetensors import SafetensorError  # installed: load_file comes from it
+
+    if not path.is_file():
+        raise FileNotFoundError(f"from_pretrained: the weights file {path} does not exist")
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"from_pretrained: {path} is not a readable safetensors file (truncated?): {err}") from err
 
 
 def write_checkpoint(directory, config, state_dict):
@@ -79,7 +118,7 @@ def write_checkpoint(directory, config, state_dict):
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
-def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), new=(), dropped=()):
+def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), new=(), dropped=(), buffers=()):
     """Load ``state_dict`` (HF key names) into ``model``, strictly, with errors that list the keys.
 
     prefix: the body's prefix in HF's head classes ("bert.", "transformer."). A head model (body=False)
@@ -89,9 +128,12 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
     new: key prefixes of heads that a pretrained checkpoint may lack: freshly initialised when the checkpoint
         has no key under the prefix (a partly present head is an error).
     dropped: key prefixes of other heads that may be in the checkpoint and are ignored.
+    buffers: key suffixes of buffers that older HF versions saved (GPT-2's causal mask ``attn.bias``,
+        BERT's ``position_ids``) and that are ignored.
     Returns the sorted keys that were freshly initialised.
     """
     expected = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(tuple(buffers))}
     under_prefix = any(k.startswith(prefix) for k in state_dict)
     if body and under_prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -107,16 +149,31 @@ def load_state_dict_checked(model, state_dict, *, prefix, body=False, tied=(), n
             f"from_pretrained: the checkpoint does not match {type(model).__name__}: "
             f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
         )
-    for key, value in state_dict.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"from_pretrained: {key} has shape {tuple(value.shape)} in the checkpoint, "
-                f"{type(model).__name__} expects {tuple(expected[key].shape)}"
-            )
     kept = {k: v for k, v in state_dict.items() if k in expected and k not in tied}
+    for key, value in kept.items():
+        _check_tensor(key, value, expected[key], type(model).__name__)
     with torch.no_grad():
         model.load_state_dict(kept, strict=False)
     return sorted(initialised)
+
+
+def _check_tensor(key, value, expected, model_name):
+    """ValueError when checkpoint tensor ``value`` does not have the shape of the model's ``expected``, is
+    integer where it is floating point (or the reverse), or holds NaN or infinite values (a corrupt
+    checkpoint: loading it would make every output NaN)."""
+    if tuple(value.shape) != tuple(expected.shape):
+        raise ValueError(
+            f"from_pretrained: {key} has shape {tuple(value.shape)} in the checkpoint, "
+            f"{model_name} expects {tuple(expected.shape)}"
+        )
+    if value.is_floating_point() != expected.is_floating_point():
+        raise ValueError(
+            f"from_pretrained: {key} has dtype {value.dtype} in the checkpoint, {model_name} holds {expected.dtype}"
+        )
+    if value.is_floating_point():
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(f"from_pretrained: {key} holds {bad} non-finite value(s) (NaN or inf) in the checkpoint")
 
 
 class PretrainedMixin:
@@ -124,7 +181,7 @@ class PretrainedMixin:
 
     A class sets ``config_class`` and ``hf_architecture`` (HF's class name) and describes its keys with
     ``hf_keys()``: a dict of ``load_state_dict_checked``'s keyword arguments (prefix, body, tied, new,
-    dropped). ``_state_from_hf`` / ``_state_to_hf`` convert layouts that differ (GPT-2's Conv1D).
+    dropped, buffers). ``_state_from_hf`` / ``_state_to_hf`` convert layouts that differ (GPT-2's Conv1D).
     """
 
     config_class = None
@@ -153,10 +210,15 @@ class PretrainedMixin:
         model.safetensors) or an HF ``PreTrainedModel``. ``overrides`` replace config fields (e.g.
         ``num_labels`` for a new classification head, dropout rates). Heads the checkpoint lacks are
         freshly initialised and listed in ``model.initialised_keys``; any other mismatch is a ValueError.
+        The model is returned in training mode (nn.Module's default; HF's returns eval mode): call
+        ``.eval()`` before inference.
         """
         hf_config, state_dict = read_checkpoint(source, cls.config_class.model_type)
-        config = cls._config_from_checkpoint(cls.config_class.from_hf(hf_config), state_dict)
-        config = dataclasses.replace(config, **overrides)
+        try:
+            config = cls.config_class.from_hf(hf_config)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"from_pretrained: {config_origin(source)}: {err}") from err
+        config = dataclasses.replace(cls._config_from_checkpoint(config, state_dict), **overrides)
         model = cls(config)
         model.initialised_keys = load_state_dict_checked(model, cls._state_from_hf(state_dict), **model.hf_keys())
         return model

@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import RMSNorm
 from ..ops.attention import RelativePositionBias, attention
-from ._common import HFConfig, activation, check_ids, key_padding_mask
-from .generation import KVCache, decode
+from ._common import HFConfig, activation, check_ids, check_labels, key_padding_mask
+from .generation import GenerationMixin, KVCache
 from .hub import PretrainedMixin
 
 __all__ = ["T5Config", "T5ForConditionalGeneration", "T5Output"]
@@ -76,10 +76,17 @@ class T5Config(HFConfig):
     }
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
+
+    def _check_values(self):
+        if self.num_heads < 1:
+            raise ValueError(f"T5Config: num_heads must be >= 1, got {self.num_heads}")
+        self._check_token_ids("pad_token_id", "decoder_start_token_id")
+        self._check_activation("feed_forward_proj", self.act)
 
     @property
     def gated(self):
@@ -256,13 +263,17 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(x, residual=residual))
 
 
-class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
+class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     """T5 encoder-decoder with the LM head.
 
     forward(input_ids (B, Ls), attention_mask (B, Ls) 1 = token / 0 = padding, decoder_input_ids (B, Lt)
     (default: labels shifted right behind decoder_start_token_id), labels (B, Lt) with -100 = ignored,
     decoder_attention_mask (B, Lt) or None). With labels: the mean token loss through
     fastlm.linear_cross_entropy (no (B, Lt, V) logits); without: logits (B, Lt, V).
+
+    generate (GenerationMixin.generate) returns (B, 1 + n) decoder tokens starting with
+    decoder_start_token_id (HF's layout); it stops a row at the config's eos_token_id by default and pads
+    finished rows with the config's pad_token_id.
     """
 
     config_class = T5Config
@@ -328,6 +339,20 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         mask = key_padding_mask(attention_mask, input_ids.shape)
         return self.encoder(self.shared(input_ids), mask=mask)
 
+    def _encoded(self, input_ids, attention_mask, encoder_outputs):
+        """The encoder output (B, Ls, E): ``encoder_outputs`` when given (checked), else encode(input_ids)."""
+        if encoder_outputs is None:
+            return self.encode(input_ids, attention_mask)
+        E = self.config.d_model
+        if (
+            not isinstance(encoder_outputs, torch.Tensor)
+            or encoder_outputs.dim() != 3
+            or encoder_outputs.shape[-1] != E
+        ):
+            shape = tuple(encoder_outputs.shape) if isinstance(encoder_outputs, torch.Tensor) else type(encoder_outputs)
+            raise ValueError(f"encoder_outputs must be a tensor (B, Ls, d_model={E}) (encode()'s output), got {shape}")
+        return encoder_outputs
+
     def _memory(self, encoded, attention_mask):
         """Per decoder layer, the cross-attention (k, v) of the encoder output; and the (B, Ls) mask."""
         memory_kv = [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
@@ -351,16 +376,17 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         decoder_attention_mask=None,
         encoder_outputs=None,
     ):
-        encoded = encoder_outputs if encoder_outputs is not None else self.encode(input_ids, attention_mask)
+        encoded = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
+            check_labels(labels, self.config.vocab_size)
             decoder_input_ids = self.shift_right(labels)
         check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
         memory_kv, memory_mask = self._memory(encoded, attention_mask)
         h = self.decoder(
             self.shared(decoder_input_ids),
-            mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape),
+            mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"),
             memory_kv=memory_kv,
             memory_mask=memory_mask,
         )  # (B, Lt, E)
@@ -377,32 +403,14 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
         out.loss = ops.linear_cross_entropy(self._head_input(h).reshape(-1, E), self.head_weight(), labels.reshape(-1))
         return out
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        *,
-        max_new_tokens=20,
-        do_sample=False,
-        temperature=1.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id="config",
-        pad_token_id=None,
-        generator=None,
-    ):
-        """Decode from the encoded inputs with a KV cache; returns (B, 1 + n) decoder tokens starting with
-        decoder_start_token_id, n <= max_new_tokens (HF's layout).
+    def _special_ids(self, eos_token_id, pad_token_id):
+        """generate's defaults: the config's EOS and pad ids (eos_token_id=None: never stop early)."""
+        eos_token_id = self.config.eos_token_id if eos_token_id == "default" else eos_token_id
+        return eos_token_id, self.config.pad_token_id if pad_token_id is None else pad_token_id
 
-        input_ids, attention_mask (B, Ls) (any padding); eos_token_id defaults to the config's (None: never
-        stop early); finished rows are filled with pad_token_id (default: the config's). Sampling options
-        as for GPTLMHeadModel.generate.
-        """
-        c = self.config
-        eos_token_id = c.eos_token_id if eos_token_id == "config" else eos_token_id
-        pad_token_id = c.pad_token_id if pad_token_id is None else pad_token_id
-        B = input_ids.shape[0]
+    def _start_decoding(self, input_ids, attention_mask, max_new_tokens):
+        """For ``generate`` (see GenerationMixin): encode input_ids (B, Ls) (any padding), then decode from
+        decoder_start_token_id with a KV cache of 1 + max_new_tokens positions."""
         encoded = self.encode(input_ids, attention_mask)  # (B, Ls, E)
         memory_kv, memory_mask = self._memory(encoded, attention_mask)
         cache = KVCache(1 + max_new_tokens)
@@ -411,17 +419,5 @@ class T5ForConditionalGeneration(PretrainedMixin, nn.Module):
             h = self.decoder(self.shared(tokens), memory_kv=memory_kv, memory_mask=memory_mask, cache=cache)
             return F.linear(self._head_input(h[:, -1]), self.head_weight())
 
-        start = input_ids.new_full((B, 1), c.decoder_start_token_id)
-        new = decode(
-            step,
-            step(start),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
-        return torch.cat([start, new], dim=1)
+        start = input_ids.new_full((input_ids.shape[0], 1), self.config.decoder_start_token_id)
+        return start, step(start), step

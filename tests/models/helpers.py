@@ -40,17 +40,20 @@ def assert_matches_hf(actual, oracle, baseline, name, factor=2.0):
     assert_close_to_reference(actual, oracle, baseline, factor=factor, name=name)
 
 
-def assert_grads_match(model, hf32, hf64, *, rename=lambda name, g: (name, g)):
-    """Every parameter gradient of the fastlm ``model`` against the HF parameter of the same name.
+def assert_grads_match(model, hf32, hf64, *, rename=lambda name, g: [(name, g)]):
+    """Every parameter gradient of the fastlm ``model`` against the HF parameter of the same name, and
+    every HF parameter checked.
 
-    rename(name, grad) -> (hf_name, grad in HF's layout), for layouts that differ (GPT-2's Conv1D)."""
+    rename(name, grad) -> [(hf_name, grad in HF's layout), ...], for layouts that differ (GPT-2's Conv1D,
+    BERT's fused query/key/value)."""
     hf32_params, hf64_params = dict(hf32.named_parameters()), dict(hf64.named_parameters())
-    checked = 0
+    checked = set()
     for name, p in model.named_parameters():
-        hf_name, grad = rename(name, p.grad)
-        assert grad is not None, f"{name}: no gradient"
-        assert_close_to_reference(
-            grad, hf64_params[hf_name].grad, hf32_params[hf_name].grad, factor=3.0, name=f"grad {name}"
-        )
-        checked += 1
-    assert checked > 0
+        assert p.grad is not None, f"{name}: no gradient"
+        for hf_name, grad in rename(name, p.grad):
+            assert_close_to_reference(
+                grad, hf64_params[hf_name].grad, hf32_params[hf_name].grad, factor=3.0, name=f"grad {hf_name}"
+            )
+            checked.add(hf_name)
+    tied = {n for n, p in hf32_params.items() if any(p is q for m, q in hf32_params.items() if m in checked)}
+    assert checked | tied == set(hf32_params), f"not checked: {sorted(set(hf32_params) - checked - tied)}"

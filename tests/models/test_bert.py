@@ -53,6 +53,14 @@ def load(cls, hf_model, tmp_path):
     return cls.from_pretrained(tmp_path).eval()
 
 
+def from_fused_qkv(name, grad):
+    """A fastlm gradient in HF's layout: the fused qkv weight / bias is HF's query, key and value."""
+    if ".qkv." not in name:
+        return [(name, grad)]
+    parts = zip(("query", "key", "value"), grad.chunk(3), strict=True)
+    return [(name.replace(".qkv.", f".{part}."), g) for part, g in parts]
+
+
 def test_pretraining_matches_hf(backend, device, tmp_path):
     """Logits, MLM + NSP loss and every parameter gradient, with padding, on every backend (1 layer)."""
     torch.manual_seed(0)
@@ -75,7 +83,7 @@ def test_pretraining_matches_hf(backend, device, tmp_path):
         ref.loss.backward()
         losses.append(ref.loss)
     assert_matches_hf(loss, losses[1], losses[0], "loss")
-    assert_grads_match(model, hf32, hf64)
+    assert_grads_match(model, hf32, hf64, rename=from_fused_qkv)
 
 
 def test_masked_lm_and_body_match_hf(tmp_path):
@@ -94,7 +102,7 @@ def test_masked_lm_and_body_match_hf(tmp_path):
         ref.loss.backward()
         losses.append(ref.loss)
     assert_matches_hf(loss, losses[1], losses[0], "loss")
-    assert_grads_match(model, hf32, hf64)
+    assert_grads_match(model, hf32, hf64, rename=from_fused_qkv)
     body = BertModel.from_pretrained(hf32)  # an HF instance works as a source; heads are dropped
     h = body(ids, mask, types).last_hidden_state
     assert_matches_hf(
@@ -105,17 +113,19 @@ def test_masked_lm_and_body_match_hf(tmp_path):
     )
 
 
-@pytest.mark.parametrize("num_labels, kind", [(3, "single"), (1, "regression"), (4, "multi")])
+@pytest.mark.parametrize("num_labels, kind", [(3, "single"), (1, "regression"), (2, "regression"), (4, "multi")])
 def test_sequence_classification_matches_hf(num_labels, kind, tmp_path):
     torch.manual_seed(2)
-    hf32, hf64 = hf_pair(transformers.BertForSequenceClassification(hf_config(num_labels=num_labels)))
+    problem = {"regression": "regression"}.get(kind)  # HF would take float labels with 2 outputs as multi-label
+    config = hf_config(num_labels=num_labels, problem_type=problem)
+    hf32, hf64 = hf_pair(transformers.BertForSequenceClassification(config))
     model = load(BertForSequenceClassification, hf32, tmp_path)
     assert model.initialised_keys == []
     ids, mask, types, _, _ = batch(2)
     g = torch.Generator().manual_seed(3)
     labels = {
         "single": torch.randint(0, num_labels, (B,), generator=g),
-        "regression": torch.randn(B, generator=g),
+        "regression": torch.randn(B, num_labels, generator=g).squeeze(-1),
         "multi": (torch.rand(B, num_labels, generator=g) < 0.5).float(),
     }[kind]
     out = model(ids, mask, types, labels=labels)
@@ -128,7 +138,7 @@ def test_sequence_classification_matches_hf(num_labels, kind, tmp_path):
         refs.append(ref)
     assert_matches_hf(out.logits, refs[1].logits, refs[0].logits, "logits")
     assert_matches_hf(out.loss, refs[1].loss, refs[0].loss, "loss")
-    assert_grads_match(model, hf32, hf64)
+    assert_grads_match(model, hf32, hf64, rename=from_fused_qkv)
 
 
 def test_save_pretrained_round_trips_through_hf(tmp_path):
@@ -180,3 +190,24 @@ def test_bad_checkpoints_and_inputs(tmp_path):
         model(ids.masked_fill(ids == ids[0, 0], V))
     with pytest.raises(ValueError, match="17 positions but the model's position table holds 16"):
         model(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_qkv_stored_fused_with_hf_names_in_state_dict(tmp_path):
+    """One (3E, E) parameter per layer, used as it is by forward; state_dict() shows HF's query / key /
+    value (separate tensors, so torch.save and safetensors both take them) and load_state_dict takes them
+    back, also after a dtype move."""
+    torch.manual_seed(6)
+    model = BertForMaskedLM(BertConfig.preset("bert-tiny", vocab_size=V, max_position_embeddings=16)).eval()
+    attn = model.bert.encoder.layer[0].attention.self
+    assert [n for n, _ in attn.named_parameters()] == ["qkv.weight", "qkv.bias"]
+    state = model.double().state_dict()
+    prefix = "bert.encoder.layer.0.attention.self."
+    assert [k for k in state if k.startswith(prefix)] == [
+        prefix + f"{part}.{kind}" for part in ("query", "key", "value") for kind in ("weight", "bias")
+    ]
+    assert torch.equal(state[prefix + "key.weight"], attn.qkv.weight[128:256])
+    torch.save(state, tmp_path / "state.pt")
+    again = BertForMaskedLM(model.config).double().eval()
+    again.load_state_dict(torch.load(tmp_path / "state.pt"))
+    ids = batch()[0]
+    assert torch.equal(again(ids).logits, model(ids).logits)

@@ -45,7 +45,7 @@ def padded_batch(seed=0, left=False):
 
 def from_hf_layout(name, grad):
     """A fastlm gradient in HF's layout: Conv1D weights are (in, out)."""
-    return name, grad.t() if name.endswith(_CONV1D) else grad
+    return [(name, grad.t() if name.endswith(_CONV1D) else grad)]
 
 
 def test_lm_matches_hf(backend, device, tmp_path):
