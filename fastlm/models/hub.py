@@ -210,8 +210,7 @@ class PretrainedMixin:
         model.safetensors) or an HF ``PreTrainedModel``. ``overrides`` replace config fields (e.g.
         ``num_labels`` for a new classification head, dropout rates). Heads the checkpoint lacks are
         freshly initialised and listed in ``model.initialised_keys``; any other mismatch is a ValueError.
-        The model is returned in training mode (nn.Module's default; HF's returns eval mode): call
-        ``.eval()`` before inference.
+        The model is returned in eval mode, as Hugging Face's is (dropout off): call ``.train()`` to train.
         """
         hf_config, state_dict = read_checkpoint(source, cls.config_class.model_type)
         try:
@@ -221,7 +220,7 @@ class PretrainedMixin:
         config = dataclasses.replace(cls._config_from_checkpoint(config, state_dict), **overrides)
         model = cls(config)
         model.initialised_keys = load_state_dict_checked(model, cls._state_from_hf(state_dict), **model.hf_keys())
-        return model
+        return model.eval()
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors into ``directory``, loadable by HF's

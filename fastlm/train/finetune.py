@@ -224,6 +224,7 @@ def finetune(config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(1, steps))
     g = torch.Generator().manual_seed(config.seed)
     history = []
+    model.train()  # from_pretrained returns eval mode
     for epoch in range(config.epochs):
         order = torch.randperm(len(ids), generator=g).to(device)
         total = 0.0

@@ -121,3 +121,11 @@ def test_integer_weights_are_refused(saved):
     message = r"cls.predictions.bias has dtype torch.int64 in the checkpoint, BertForMaskedLM holds torch.float32"
     with pytest.raises(ValueError, match=message):
         BertForMaskedLM.from_pretrained(saved)
+
+
+def test_from_pretrained_returns_eval_mode_as_hugging_face_does(saved):
+    """Inference right after loading must not run dropout: two calls give the same logits."""
+    model = BertForMaskedLM.from_pretrained(saved, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    assert not model.training and not any(m.training for m in model.modules())
+    ids = torch.randint(0, V, (2, 9))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
