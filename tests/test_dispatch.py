@@ -1,8 +1,18 @@
-"""Dispatch defaults for CUDA tensors come from committed GPU benchmark results."""
+"""Dispatch: the op-family declarations (fastlm/ops/_family.py) decide which backend runs a call, what a
+forced backend that cannot run it says, what `fastlm info` lists and what `fastlm.backends.calls` counts;
+the defaults for CUDA tensors come from committed GPU benchmark results; eager kernel calls show in
+torch.profiler traces."""
 
 import json
 
+import pytest
+import torch
+
+import fastlm
 from bench import dispatch
+from fastlm import backends
+from fastlm.ops import FAMILIES
+from tests.conftest import backends_under_test, device_under_test
 
 
 def result_file(tmp_path, name, device_type, rows):
@@ -44,3 +54,88 @@ def test_update_merges_into_the_dispatch_file(tmp_path):
     )
     assert dispatch.update([gpu], target) == {"rms_norm": "cuda", "attention": "triton"}
     assert json.loads(target.read_text()) == {"attention": "triton", "rms_norm": "cuda"}
+
+
+def test_dispatch_file_is_read_once_until_reloaded(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"attention": "cuda"}))
+    monkeypatch.setattr(backends, "DISPATCH_FILE", path)
+    backends.reload_dispatch()
+    try:
+        assert backends.dispatch_defaults() == {"attention": "cuda"}
+        path.write_text(json.dumps({"attention": "triton"}))
+        assert backends.dispatch_defaults() == {"attention": "cuda"}
+        backends.reload_dispatch()
+        assert backends.dispatch_defaults() == {"attention": "triton"}
+    finally:
+        backends.reload_dispatch()
+
+
+def test_update_reloads_the_dispatch_defaults(tmp_path, monkeypatch):
+    target = tmp_path / "dispatch.json"
+    monkeypatch.setattr(backends, "DISPATCH_FILE", target)
+    backends.reload_dispatch()
+    try:
+        assert backends.dispatch_defaults() == {}
+        gpu = result_file(
+            tmp_path, "a.json", "cuda", [row("attention", "fastlm triton", 2.0), row("attention", "fastlm cuda", 1.0)]
+        )
+        dispatch.update([gpu], target)
+        assert backends.dispatch_defaults() == {"attention": "cuda"}
+    finally:
+        backends.reload_dispatch()
+
+
+def test_calls_are_counted_per_plain_op_name():
+    """A call the kernels cannot take is counted under the op's own name, whatever the reason."""
+    before = backends.calls.copy()
+    fastlm.layer_norm(torch.randn(3, 8, dtype=torch.float64))
+    q = torch.randn(1, 2, 5, 300, dtype=torch.float16)
+    fastlm.attention(q, q, q)  # head dim 300: no kernel takes it
+    assert backends.calls - before == {("layer_norm", "reference"): 1, ("attention", "reference"): 1}
+
+
+@pytest.mark.skipif(fastlm._ext.C is None, reason="fastlm._C not built")
+def test_forcing_a_backend_without_the_op_names_it_and_why():
+    q = torch.randn(1, 2, 5, 16)
+    with fastlm.use_backend("cpu"), pytest.raises(RuntimeError) as err:
+        fastlm.attention(q, q, q)
+    message = str(err.value)
+    assert "'cpu' was forced for attention on cpu, but it has no attention kernels" in message
+    assert "CUDA" not in message and "float32" not in message
+
+
+@pytest.mark.skipif(fastlm._ext.C_EMU is None, reason="fastlm._C_emu not built")
+def test_a_refusal_states_the_limit_of_the_kernels():
+    q = torch.randn(1, 2, 5, 32)
+    with fastlm.use_backend("cuda_emu"), pytest.raises(RuntimeError) as err:
+        fastlm.attention(q, q, q)
+    assert str(err.value) == (
+        "fastlm backend 'cuda_emu' was forced for attention on cpu, but it has no attention on torch.float32 "
+        "(its kernels take torch.float16, torch.bfloat16)"
+    )
+
+
+def _info_ops(name):
+    """The ops `fastlm info` lists for backend `name`."""
+    lines = fastlm.info().splitlines()
+    table = lines[lines.index("ops per backend:") + 1 :]
+    return next(line.split(None, 1)[1] for line in table if line.split()[0] == name)
+
+
+def test_info_lists_the_ops_of_each_backend():
+    assert _info_ops("cpu") == "layer_norm, rms_norm, cross_entropy, linear_cross_entropy"
+    assert _info_ops("cuda_emu").endswith(
+        "attention (torch.float16, torch.bfloat16; head dims 32, 64, 96, 128, 256)"
+    )
+    assert _info_ops("triton").endswith("attention (head dims up to 256)")
+    assert _info_ops("reference") == "every op, any dtype"
+
+
+def test_tests_run_each_family_on_the_backends_that_declare_it():
+    device = device_under_test()
+    for name, family in FAMILIES.items():
+        expected = [b for b in fastlm.available_backends(device) if b in family.kernels or b == "reference"]
+        assert backends_under_test(f"tests.ops.test_{name}") == expected
+    assert "cpu" not in backends_under_test("tests.ops.test_attention")
+    assert backends_under_test("tests.test_patch") == fastlm.available_backends(device)
