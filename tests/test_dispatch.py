@@ -139,3 +139,31 @@ def test_tests_run_each_family_on_the_backends_that_declare_it():
         assert backends_under_test(f"tests.ops.test_{name}") == expected
     assert "cpu" not in backends_under_test("tests.ops.test_attention")
     assert backends_under_test("tests.test_patch") == fastlm.available_backends(device)
+
+
+def test_no_profiler_no_record_function(monkeypatch):
+    """Outside a profiler the eager kernel call is made directly, with no profiler range around it."""
+
+    def fail(name):
+        raise AssertionError(f"record_function({name!r}) without a profiler")
+
+    monkeypatch.setattr(torch.profiler, "record_function", fail)
+    with fastlm.use_backend("cpu" if fastlm._ext.C is not None else "reference"):
+        fastlm.layer_norm(torch.randn(3, 8))
+
+
+def test_profiler_trace_of_a_patched_bert_step_names_fastlm_ops():
+    """In eager mode the ops skip the dispatcher; torch.profiler still lists each kernel call as fastlm::<op>."""
+    patch_tests = pytest.importorskip("tests.test_patch")
+    if "triton" not in fastlm.available_backends("cpu"):
+        pytest.skip("triton, the backend with every op for fp32 CPU tensors, runs them only under TRITON_INTERPRET=1")
+    model = patch_tests.patched_copy(
+        patch_tests.build(patch_tests.transformers.BertForMaskedLM, patch_tests.bert_config(layers=1))
+    )
+    ids, mask = patch_tests.padded_batch((6, 4))
+    labels = patch_tests.mlm_labels(ids, mask)
+    with fastlm.use_backend("triton"), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        patch_tests.run(model, True, input_ids=ids, attention_mask=mask, labels=labels)
+    names = {event.key for event in prof.key_averages()}
+    for op in ("norm_fwd", "norm_bwd", "attention_fwd", "attention_bwd", "cross_entropy_fwd"):
+        assert f"fastlm::{op}" in names, sorted(n for n in names if "fastlm" in n)

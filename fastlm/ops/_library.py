@@ -3,7 +3,8 @@ view the row kernels take.
 
 Each kernel entry point is registered as a custom op `fastlm::<name>` with a fake (meta) implementation,
 so torch.compile(fullgraph=True) traces through it. In eager mode the returned callable calls the
-implementation directly, skipping the dispatcher's per-call overhead.
+implementation directly, skipping the dispatcher's per-call overhead; while a profiler runs, that call is
+recorded as `fastlm::<name>`, as the dispatcher would have done.
 """
 
 import torch
@@ -20,6 +21,9 @@ def kernel_op(name, fake):
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
+            if torch._C._autograd._profiler_enabled():  # a C flag read: no cost when no profiler runs
+                with torch.profiler.record_function(qualified):
+                    return fn(*args)
             return fn(*args)
 
         call.__name__ = fn.__name__
