@@ -47,9 +47,9 @@ class Kernels:
         """None when these kernels take the inputs, else what they lack, worded to follow "no <op> "."""
         if dtype not in self.dtypes:
             return f"on {dtype} (its kernels take {_names(self.dtypes)})"
-        other = sorted({str(d) for d in other_dtypes if d not in self.other_dtypes})
-        if other:
-            return f"on {', '.join(other)} (its kernels take {_names(self.other_dtypes)} beside the input)"
+        for other in other_dtypes:
+            if other not in self.other_dtypes:
+                return f"on {other} (its kernels take {_names(self.other_dtypes)} beside the input)"
         if head_dim is None:
             return None
         if self.head_dims is not None and head_dim not in self.head_dims:
@@ -96,7 +96,7 @@ class OpFamily:
         """The backend to run `op` on (fastlm.backends.select) for tensors on `device`: the main input's
         `dtype`, the dtypes of the other float tensors, and for attention the head dim. Under torch.compile
         the choice is made once, at trace time."""
-        refusals = tuple((name, self.lacks(name, op, dtype, other_dtypes, head_dim)) for name in backends.BACKENDS)
+        refusals = tuple([(name, self.lacks(name, op, dtype, other_dtypes, head_dim)) for name in backends.BACKENDS])
         return _select(op, device, refusals)
 
     def available(self, device, dtypes=(), head_dim=None):
