@@ -113,6 +113,11 @@ class OpFamily:
         return all(kernels.lacks(dtype, (), head_dim) is None for dtype in dtypes or kernels.dtypes[:1])
 
 
+def every_backend(kernels=Kernels()):
+    """`kernels` of an OpFamily whose kernels exist on every backend, all taking what `kernels` says."""
+    return dict.fromkeys(_MODULES, kernels)
+
+
 @torch.compiler.assume_constant_result
 def _select(op, device, refusals):
     return backends.select(op, device, dict(refusals))

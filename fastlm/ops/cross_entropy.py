@@ -22,18 +22,14 @@ with torch.library, the autograd.Functions, and the public functions.
 
 import torch
 
-from ._family import Kernels, OpFamily
+from ._family import OpFamily, every_backend
 from ._library import kernel_op
 from ._library import rows as _rows
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "cross_entropy_reference", "linear_cross_entropy_reference"]
 
 # Every backend has the row kernel, for fp32 / fp16 / bf16 logits.
-CROSS_ENTROPY = OpFamily(
-    "cross_entropy",
-    ("cross_entropy", "linear_cross_entropy"),
-    dict.fromkeys(("triton", "cuda", "cuda_emu", "cpu"), Kernels()),
-)
+CROSS_ENTROPY = OpFamily("cross_entropy", ("cross_entropy", "linear_cross_entropy"), every_backend())
 REDUCTIONS = ("mean", "sum", "none")
 # Bytes of one chunk's fp32-sized logits in linear_cross_entropy (the logits and their gradient each take
 # about this much): large on a GPU so the GEMMs stay efficient, small on the CPU so memory stays low.
@@ -281,6 +277,7 @@ def _check_labels(fn, labels, rows_shape, ref, v, ignore_index):
 
 
 def _backend(fn, tensors, device):
+    """The backend for op `fn` on `tensors`: the main input (logits or hidden) first, then the others or None."""
     others = tuple(t.dtype for t in tensors[1:] if t is not None)
     return CROSS_ENTROPY.select(fn, device, tensors[0].dtype, others)
 

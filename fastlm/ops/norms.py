@@ -11,14 +11,14 @@ fp32 whatever the input dtype; backward recomputes x̂ from the saved input and 
 
 import torch
 
-from ._family import Kernels, OpFamily
+from ._family import OpFamily, every_backend
 from ._library import kernel_op
 from ._library import rows as _rows
 
 __all__ = ["layer_norm", "rms_norm", "norm_reference"]
 
 # Every backend has the norm kernels, for fp32 / fp16 / bf16 tensors.
-NORMS = OpFamily("norms", ("layer_norm", "rms_norm"), dict.fromkeys(("triton", "cuda", "cuda_emu", "cpu"), Kernels()))
+NORMS = OpFamily("norms", ("layer_norm", "rms_norm"), every_backend())
 
 
 # --------------------------------------------------------------------------- reference
