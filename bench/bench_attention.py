@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm.ops.attention import IMPLEMENTED, RelativePositionBias, attention_reference
+from fastlm.ops.attention import ATTENTION, RelativePositionBias, attention_reference
 
 from .harness import Case
 
@@ -49,7 +49,7 @@ SDPA_BACKENDS = ("flash_attention", "efficient_attention", "cudnn_attention", "m
 def _fastlm_backends(device):
     """Kernel backends worth timing on `device` (not the reference, the interpreter or the emulator)."""
     skip = {"reference", "cuda_emu"} | ({"triton"} if device.type == "cpu" else set())
-    return [b for b in fastlm.available_backends(device) if b in IMPLEMENTED and b not in skip]
+    return [b for b in ATTENTION.available(device) if b not in skip]
 
 
 def _dense_bias(q, k, mask, table, causal, bidirectional):

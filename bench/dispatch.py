@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from fastlm.backends import DISPATCH_FILE
+from fastlm.backends import DISPATCH_FILE, reload_dispatch
 
 CANDIDATES = {"fastlm triton": "triton", "fastlm cuda": "cuda"}
 
@@ -43,4 +43,5 @@ def update(result_files, path=DISPATCH_FILE):
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(choose(result_files))
     path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    reload_dispatch()  # fastlm reads the file once; this process sees the new choices
     return current

@@ -11,6 +11,7 @@ from .backends import available_backends, use_backend
 from .backends import info as _info
 from .data import mlm_mask
 from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
+from .ops._family import kernel_table
 from .patch import patch, unpatch
 from .version import __version__
 
@@ -35,5 +36,6 @@ __all__ = [
 
 
 def info():
-    """A human-readable report of the versions, the GPU, the extension and every backend's status."""
-    return f"fastlm {__version__}\n" + _info()
+    """A human-readable report of the versions, the GPU, the extension, every backend's status and the ops
+    each backend has kernels for."""
+    return "\n".join([f"fastlm {__version__}", _info(), *kernel_table(ops.FAMILIES.values())])

@@ -11,22 +11,24 @@ Every op has up to five implementations, named:
 Without a forced backend, a CUDA tensor takes the fastest of triton / cuda for that op according to the
 committed benchmark results (fastlm/dispatch.json), falling back to triton; a CPU tensor takes `cpu`
 when the extension has it, else `reference`. `use_backend(name)` or FASTLM_BACKEND force one; a forced
-backend that cannot run raises an error that says why, it never silently runs something else.
+backend that cannot run raises an error that says why, it never silently runs something else. Which
+backends have an op's kernels, and for which inputs, each op family declares (fastlm/ops/_family.py).
 """
 
 import collections
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import _ext
-
-BACKENDS = ("triton", "cuda", "cuda_emu", "cpu", "reference")
 
 _forced = contextvars.ContextVar("fastlm_backend", default=None)
 DISPATCH_FILE = Path(__file__).with_name("dispatch.json")
@@ -70,37 +72,64 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_missing():
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def _c_missing():
+    return _ext.C_ERROR if _ext.C is None else None
+
+
+def _cuda_kernels_missing():
+    if _ext.C is not None and not _ext.has_cuda_kernels():
+        return "fastlm._C was built without CUDA (no CUDA-enabled torch or nvcc at build time)"
+    return _c_missing()
+
+
+def _emu_missing():
+    return _ext.C_EMU_ERROR if _ext.C_EMU is None else None
+
+
+def _triton_devices():
+    return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend needs to run: `devices()` the device types of the tensors it takes (None: any),
+    `missing()` None when its code is installed, else why not; `note` completes a wrong-device refusal."""
+
+    devices: Callable[[], tuple[str, ...] | None]
+    missing: Callable[[], str | None]
+    note: str = ""
+
+
+REGISTRY = {
+    "triton": Backend(_triton_devices, _triton_missing, " (CPU tensors only under TRITON_INTERPRET=1)"),
+    "cuda": Backend(lambda: ("cuda",), _cuda_kernels_missing),
+    "cuda_emu": Backend(lambda: ("cpu",), _emu_missing),
+    "cpu": Backend(lambda: ("cpu",), _c_missing),
+    "reference": Backend(lambda: None, lambda: None),
+}
+BACKENDS = tuple(REGISTRY)  # fastest first
+
+
 def _why_unavailable(name, device):
     """None when backend `name` can run on `device`, else the reason it cannot."""
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    if name == "reference":
+    backend = REGISTRY[_check_name(name)]
+    devices = backend.devices()
+    if devices is None:
         return None
-    if on_cuda and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if on_cuda:
-            return None
-        if device.type == "cpu" and triton_interpreted():
-            return None
-        return f"triton runs {device.type} tensors only under TRITON_INTERPRET=1"
-    if name == "cpu":
-        if _ext.C is None:
-            return _ext.C_ERROR
-        return None if device.type == "cpu" else f"the cpu backend takes CPU tensors, not {device.type}"
-    if name == "cuda":
-        if _ext.C is None:
-            return _ext.C_ERROR
-        if not _ext.has_cuda_kernels():
-            return "fastlm._C was built without CUDA (no CUDA-enabled torch or nvcc at build time)"
-        return None if on_cuda else f"the cuda backend takes CUDA tensors, not {device.type}"
-    if name == "cuda_emu":
-        if _ext.C_EMU is None:
-            return _ext.C_EMU_ERROR
-        return None if device.type == "cpu" else f"the cuda_emu backend takes CPU tensors, not {device.type}"
-    raise ValueError(f"unknown fastlm backend {name!r}")
+    missing = backend.missing()
+    if missing is not None:
+        return missing
+    if device.type not in devices:
+        takes = " or ".join(d.upper() for d in devices)
+        return f"the {name} backend takes {takes} tensors, not {device.type}{backend.note}"
+    return None
 
 
 def available_backends(device=None):
@@ -110,38 +139,48 @@ def available_backends(device=None):
     return [name for name in BACKENDS if _why_unavailable(name, device) is None]
 
 
-def _dispatch_defaults():
+@functools.cache
+def dispatch_defaults():
+    """{op: backend} for CUDA tensors from fastlm/dispatch.json, read once ({} without the file);
+    `reload_dispatch()` reads it again."""
     try:
         return json.loads(DISPATCH_FILE.read_text())
     except FileNotFoundError:
         return {}
 
 
-def select(op, device, implemented):
-    """The backend to run `op` on for tensors on `device`.
+def reload_dispatch():
+    """Forget the dispatch defaults read so far, so the next call reads DISPATCH_FILE again (after the
+    benchmark runner rewrote it, or in tests)."""
+    dispatch_defaults.cache_clear()
 
-    `implemented` lists the backends that have `op`. Raises RuntimeError when a forced backend
-    cannot run it.
+
+def _count(op, name):
+    calls[(op, name)] += 1
+    return name
+
+
+def select(op, device, refusals):
+    """The backend to run `op` (a public op name: "layer_norm", "attention", ...) on for tensors on `device`.
+
+    `refusals` maps each backend name to None when it has kernels of `op` for these inputs, else to the
+    reason it has not (the op family's declaration words it). Raises RuntimeError when a forced backend
+    cannot run the call, naming the backend and the reason.
     """
     device = torch.device(device)
     forced = forced_backend()
     if forced is not None:
-        why = _why_unavailable(forced, device)
-        if why is None and forced not in implemented:
-            why = f"it has no {op} kernel"
+        why = _why_unavailable(forced, device) or refusals[forced]
         if why is not None:
             raise RuntimeError(f"fastlm backend {forced!r} was forced for {op} on {device}, but {why}")
-        calls[(op, forced)] += 1
-        return forced
+        return _count(op, forced)
     if device.type == "cuda":
-        preferred = _dispatch_defaults().get(op, "triton")
-        candidates = (preferred, "triton", "cuda", "reference")
+        candidates = (dispatch_defaults().get(op, "triton"), "triton", "cuda", "reference")
     else:
         candidates = ("cpu", "reference")
     for name in candidates:
-        if name in implemented and _why_unavailable(name, device) is None:
-            calls[(op, name)] += 1
-            return name
+        if refusals[name] is None and _why_unavailable(name, device) is None:
+            return _count(op, name)
     raise RuntimeError(f"no fastlm backend can run {op} on {device}")
 
 

@@ -1,5 +1,5 @@
 """Test harness: Triton on CPU tensors through its interpreter, and a `backend` fixture that runs a test
-once per backend available for the test device."""
+once per backend available for the test device that has the kernels of the module's op family."""
 
 import os
 
@@ -68,12 +68,22 @@ def device_under_test():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pytest_generate_tests(metafunc):
-    """Parametrise a test's `backend` argument over every backend available for the test device."""
-    if "backend" in metafunc.fixturenames:
-        import fastlm
+def backends_under_test(module_name):
+    """The backends a test module runs its `backend` tests on: those available on the test device that
+    have the kernels of the op family the module is named after (test_<family>.py, as declared in
+    fastlm.ops.FAMILIES), reference included; every available backend for other modules."""
+    import fastlm
 
-        metafunc.parametrize("backend", fastlm.available_backends(device_under_test()))
+    family = fastlm.ops.FAMILIES.get(module_name.rpartition(".")[2].removeprefix("test_"))
+    if family is None:
+        return fastlm.available_backends(device_under_test())
+    return family.available(device_under_test())
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise a test's `backend` argument over the backends under test of its module."""
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends_under_test(metafunc.module.__name__))
 
 
 GPU_BACKENDS = ("triton", "cuda")

@@ -1,10 +1,14 @@
-"""Public functional ops of fastlm (re-exported as fastlm.<op>)."""
+"""Public functional ops of fastlm (re-exported as fastlm.<op>), and FAMILIES: the declaration of each op
+family (its backends and what their kernels take; fastlm/ops/_family.py), by family name."""
 
-from .attention import RelativePositionBias, attention
-from .cross_entropy import cross_entropy, linear_cross_entropy
-from .norms import layer_norm, rms_norm
+from .attention import ATTENTION, RelativePositionBias, attention
+from .cross_entropy import CROSS_ENTROPY, cross_entropy, linear_cross_entropy
+from .norms import NORMS, layer_norm, rms_norm
+
+FAMILIES = {family.name: family for family in (NORMS, CROSS_ENTROPY, ATTENTION)}
 
 __all__ = [
+    "FAMILIES",
     "RelativePositionBias",
     "attention",
     "cross_entropy",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _ext
-from ._library import kernel_op, select_backend
+from ._family import Kernels, OpFamily
+from ._library import kernel_op
 
 __all__ = ["RelativePositionBias", "attention", "attention_reference", "dropout_keep_mask", "relative_position_bucket"]
 
@@ -183,34 +183,15 @@ def _reference_lse(q, k, *, causal, key_padding_mask, attn_bias, rel_pos, scale)
 # Kernel entry points
 # ----------------------------------------------------------------------------------------------
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLEMENTED = ("triton", "cuda", "cuda_emu", "reference")
-MAX_KERNEL_HEAD_DIM = 256
-# The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu): every feature, on fp16/bf16
-# (tensor cores) and the head dims below; other calls are refused by routing them away from `cuda` /
-# `cuda_emu`.
-CUDA_BACKENDS = ("cuda", "cuda_emu")
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
-
-
-def _kernels(backend):
-    """The module holding `attention_fwd` / `attention_bwd` for `backend` (same signatures everywhere)."""
-    if backend == "triton":
-        from ..kernels import attention
-
-        return attention
-    return _ext.C_EMU if backend == "cuda_emu" else _ext.C
-
-
-def _cuda_missing(q):
-    """None when the CUDA kernels implement this call (q's dtype and head dim decide: attn_bias, rel_pos
-    and dropout are implemented), else what they lack (it names the op they refuse)."""
-    if q.dtype not in CUDA_DTYPES:
-        return f"{q.dtype} (CUDA kernels: fp16/bf16)"
-    if q.shape[-1] not in CUDA_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))})"
-    return None
+# The Triton kernels take every kernel dtype and head dims up to 256. The CUDA C++ kernels (fastlm._C /
+# fastlm._C_emu, csrc/cuda/attention*.cu) have every feature, on fp16/bf16 q, k, v (tensor cores) and the
+# head dims below; attn_bias and the rel_pos table may be fp32 too. There are no CPU C++ attention kernels.
+_CUDA = Kernels(dtypes=(torch.float16, torch.bfloat16), head_dims=(32, 64, 96, 128, 256))
+ATTENTION = OpFamily(
+    "attention",
+    ("attention",),
+    {"triton": Kernels(max_head_dim=256), "cuda": _CUDA, "cuda_emu": _CUDA},
+)
 
 
 def _fwd_fake(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p, backend):
@@ -237,7 +218,8 @@ def _attention_fwd(
     expanded view, zero strides allowed) or None; mask (B, Lk) bool or None; table (num_buckets, Hq) with
     bucket (Lq + Lk - 1,) int32 or None; seed (1,) int64 CPU. Returns o (B, Hq, Lq, D) in q's dtype and
     lse (B, Hq, Lq) fp32."""
-    return tuple(_kernels(backend).attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p))
+    kernels = ATTENTION.module(backend)
+    return tuple(kernels.attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropout_p))
 
 
 def _bwd_fake(
@@ -278,7 +260,7 @@ def _attention_bwd(
     Returns dq, dk, dv (shapes and dtypes of q, k, v); dbias (B, Hq, Lq, Lk) fp32, the gradient of the
     expanded bias, when need_dbias; dtable (num_buckets, Hq) fp32 when need_dtable; empty otherwise."""
     return tuple(
-        _kernels(backend).attention_bwd(
+        ATTENTION.module(backend).attention_bwd(
             do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, scale, dropout_p, need_dbias, need_dtable
         )
     )
@@ -441,16 +423,6 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _kernel_op_name(q, attn_bias, rel_pos):
-    """'attention' when the kernels can take these inputs, else a name that says why not."""
-    dtypes = {q.dtype} | {t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table) if t is not None}
-    if not dtypes <= set(KERNEL_DTYPES):
-        return f"attention on {', '.join(sorted(map(str, dtypes)))}"
-    if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
-        return f"attention with head dim {q.shape[-1]} > {MAX_KERNEL_HEAD_DIM}"
-    return "attention"
-
-
 def attention(
     q,
     k,
@@ -488,13 +460,8 @@ def attention(
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    op = _kernel_op_name(q, attn_bias, rel_pos)
-    implemented = IMPLEMENTED if op == "attention" else ("reference",)
-    missing = _cuda_missing(q) if op == "attention" else None
-    if missing is not None:
-        op = f"attention with {missing}"
-        implemented = tuple(name for name in implemented if name not in CUDA_BACKENDS)
-    backend = select_backend(op, q.device, implemented)
+    others = tuple(t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table) if t is not None)
+    backend = ATTENTION.select("attention", q.device, q.dtype, others, head_dim=D)
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
     if backend == "reference":
         keep = None

@@ -22,13 +22,14 @@ with torch.library, the autograd.Functions, and the public functions.
 
 import torch
 
-from .. import _ext
-from ._library import kernel_op, select_backend
+from ._family import OpFamily, every_backend
+from ._library import kernel_op
+from ._library import rows as _rows
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "cross_entropy_reference", "linear_cross_entropy_reference"]
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLEMENTED = ("triton", "cuda", "cuda_emu", "cpu", "reference")
+# Every backend has the row kernel, for fp32 / fp16 / bf16 logits.
+CROSS_ENTROPY = OpFamily("cross_entropy", ("cross_entropy", "linear_cross_entropy"), every_backend())
 REDUCTIONS = ("mean", "sum", "none")
 # Bytes of one chunk's fp32-sized logits in linear_cross_entropy (the logits and their gradient each take
 # about this much): large on a GPU so the GEMMs stay efficient, small on the CPU so memory stays low.
@@ -62,15 +63,6 @@ def linear_cross_entropy_reference(hidden, weight, labels, bias=None, **options)
 
 
 # --------------------------------------------------------------------------- kernel entry point
-def _kernels(backend):
-    """The module holding `ce_fwd` for `backend` (same signature everywhere)."""
-    if backend == "triton":
-        from ..kernels import cross_entropy
-
-        return cross_entropy
-    return _ext.C_EMU if backend == "cuda_emu" else _ext.C
-
-
 def _fwd_fake(logits, labels, scale, ignore_index, label_smoothing, z_loss, compute_grad, backend):
     rows, v = logits.shape
     return (
@@ -95,17 +87,11 @@ def _ce_fwd(
     the factor each row's gradient is multiplied by. Returns loss (rows,) fp32 (0 for ignored rows, NaN
     for labels outside [0, V)), lse (rows,) fp32 (0 for ignored rows) and, when compute_grad, the
     gradient of each row's loss times its scale, (rows, V) in logits' dtype (else an empty tensor)."""
-    kernels = _kernels(backend)
+    kernels = CROSS_ENTROPY.module(backend)
     return tuple(kernels.ce_fwd(logits, labels, scale, ignore_index, label_smoothing, z_loss, compute_grad))
 
 
 # --------------------------------------------------------------------------- autograd
-def _rows(t, n):
-    """View t (..., n) as (rows, n) with unit stride along n, copying only when no such view exists."""
-    t2 = t.reshape(-1, n)  # (rows, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _is_one(g):
     """Whether grad_output is the scalar 1 — checked only for CPU tensors in eager mode, where reading it
     costs nothing; the stored gradients are then returned as they are, without a scaled copy."""
@@ -291,10 +277,9 @@ def _check_labels(fn, labels, rows_shape, ref, v, ignore_index):
 
 
 def _backend(fn, tensors, device):
-    dtypes = {t.dtype for t in tensors if t is not None}
-    kernels_ok = dtypes <= set(KERNEL_DTYPES)
-    op = fn if kernels_ok else f"{fn} on {', '.join(sorted(map(str, dtypes)))}"
-    return select_backend(op, device, IMPLEMENTED if kernels_ok else ("reference",))
+    """The backend for op `fn` on `tensors`: the main input (logits or hidden) first, then the others or None."""
+    others = tuple(t.dtype for t in tensors[1:] if t is not None)
+    return CROSS_ENTROPY.select(fn, device, tensors[0].dtype, others)
 
 
 def cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0.0, reduction="mean", z_loss=0.0):

@@ -11,13 +11,14 @@ fp32 whatever the input dtype; backward recomputes x̂ from the saved input and 
 
 import torch
 
-from .. import _ext
-from ._library import kernel_op, select_backend
+from ._family import OpFamily, every_backend
+from ._library import kernel_op
+from ._library import rows as _rows
 
 __all__ = ["layer_norm", "rms_norm", "norm_reference"]
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLEMENTED = ("triton", "cuda", "cuda_emu", "cpu", "reference")
+# Every backend has the norm kernels, for fp32 / fp16 / bf16 tensors.
+NORMS = OpFamily("norms", ("layer_norm", "rms_norm"), every_backend())
 
 
 # --------------------------------------------------------------------------- reference
@@ -40,15 +41,6 @@ def norm_reference(x, weight=None, bias=None, eps=1e-5, residual=None, *, rms=Fa
 
 
 # --------------------------------------------------------------------------- kernel entry points
-def _kernels(backend):
-    """The module holding `norm_fwd` / `norm_bwd` for `backend` (same signatures everywhere)."""
-    if backend == "triton":
-        from ..kernels import norms
-
-        return norms
-    return _ext.C_EMU if backend == "cuda_emu" else _ext.C
-
-
 def _fwd_fake(x, weight, bias, residual, eps, rms, store_residual, backend):
     rows, n = x.shape
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -74,7 +66,7 @@ def _norm_fwd(
     """Forward kernel on (rows, N) views with unit stride along N. Returns y (rows, N) in x's dtype;
     s = x + residual (rows, N) when store_residual, else an empty tensor; mean (rows,) fp32 (empty
     for RMSNorm) and rstd (rows,) fp32."""
-    return tuple(_kernels(backend).norm_fwd(x, weight, bias, residual, eps, rms, store_residual))
+    return tuple(NORMS.module(backend).norm_fwd(x, weight, bias, residual, eps, rms, store_residual))
 
 
 def _bwd_fake(dy, ds, s, weight, has_bias, mean, rstd, rms, backend):
@@ -102,16 +94,10 @@ def _norm_bwd(
     """Backward kernel. dy (rows, N); ds (rows, N) or None, the gradient flowing into s from its own
     use downstream; s (rows, N), the normalised input. Returns ds_total (rows, N) in s's dtype (the
     gradient of x and of residual), dweight and dbias (N,) fp32, or empty tensors when absent."""
-    return tuple(_kernels(backend).norm_bwd(dy, ds, s, weight, has_bias, mean, rstd, rms))
+    return tuple(NORMS.module(backend).norm_bwd(dy, ds, s, weight, has_bias, mean, rstd, rms))
 
 
 # --------------------------------------------------------------------------- autograd
-def _rows(t, n):
-    """View t (..., n) as (rows, n) with unit stride along n, copying only when no such view exists."""
-    t2 = t.reshape(-1, n)  # (rows, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, rms, return_residual, backend):
@@ -176,10 +162,8 @@ def _check(fn, x, weight, bias, residual, eps):
 
 def _norm(fn, x, weight, bias, eps, residual, return_residual, rms):
     _check(fn, x, weight, bias, residual, eps)
-    dtypes = {t.dtype for t in (x, weight, bias, residual) if t is not None}
-    kernels_ok = dtypes <= set(KERNEL_DTYPES)
-    op = fn if kernels_ok else f"{fn} on {', '.join(sorted(map(str, dtypes)))}"
-    backend = select_backend(op, x.device, IMPLEMENTED if kernels_ok else ("reference",))
+    others = tuple(t.dtype for t in (weight, bias, residual) if t is not None)
+    backend = NORMS.select(fn, x.device, x.dtype, others)
     if backend == "reference":
         return norm_reference(x, weight, bias, eps, residual, rms=rms, return_residual=return_residual)
     y, s = _NormFunction.apply(x, weight, bias, residual, float(eps), rms, return_residual, backend)

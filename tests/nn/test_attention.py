@@ -7,12 +7,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastlm
 from fastlm.nn import MultiHeadAttention
-from fastlm.ops.attention import CUDA_BACKENDS, IMPLEMENTED, RelativePositionBias, attention_reference
+from fastlm.ops.attention import ATTENTION, RelativePositionBias, attention_reference
 from fastlm.testing import default_device
 
 DEVICE = default_device()
 # fp32 modules with gradients and T5 bias: more than the CUDA kernels implement (tests/ops/test_attention.py)
-BACKENDS = [name for name in IMPLEMENTED if name in fastlm.available_backends(DEVICE) and name not in CUDA_BACKENDS]
+BACKENDS = ATTENTION.available(DEVICE, dtypes=(torch.float32,))
 
 
 class _TorchMHA(nn.MultiheadAttention):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fastlm
+from fastlm.ops._family import KERNEL_DTYPES
 from fastlm.ops.attention import (
-    CUDA_BACKENDS,
-    IMPLEMENTED,
+    ATTENTION,
     RelativePositionBias,
     attention,
     attention_reference,
@@ -26,11 +26,11 @@ FP16, BF16, FP32, I32 = torch.float16, torch.bfloat16, torch.float32, torch.int3
 DEVICE = default_device()
 # Every attention kernel that runs on DEVICE: triton and cuda on a GPU; triton (interpreted) and cuda_emu
 # (the same CUDA C++ sources, emulated) on the CPU.
-AVAILABLE = [name for name in IMPLEMENTED if name != "reference" and name in fastlm.available_backends(DEVICE)]
-# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/96/128/256; see _cuda_missing) and
+AVAILABLE = [name for name in ATTENTION.available(DEVICE) if name != "reference"]
+# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/96/128/256; see ATTENTION) and
 # the emulator runs them slowly: they get the lean covering suite of their own section below.
-KERNELS = [name for name in AVAILABLE if name not in CUDA_BACKENDS]  # triton
-CUDA_KERNELS = [name for name in AVAILABLE if name in CUDA_BACKENDS]  # cuda on a GPU, cuda_emu on the CPU
+KERNELS = [name for name in ATTENTION.available(DEVICE, dtypes=KERNEL_DTYPES) if name != "reference"]  # triton
+CUDA_KERNELS = [name for name in AVAILABLE if name not in KERNELS]  # cuda on a GPU, cuda_emu on the CPU
 
 
 def _run(
@@ -315,7 +315,7 @@ def test_empty_inputs(kernel):
 def test_custom_ops_pass_opcheck(kernel):
     """The torch.library registration: schema, fake (meta) implementations, autograd and AOT dispatch."""
     ops = importlib.import_module("fastlm.ops.attention")  # the module; fastlm.ops.attention is the function
-    D, dtype = (32, FP16) if kernel in CUDA_BACKENDS else (16, FP32)
+    D, dtype = (32, FP16) if kernel in CUDA_KERNELS else (16, FP32)
     q = randn(1, 2, 5, D, dtype=dtype, device=DEVICE)
     k, v = randn(1, 1, 7, D, dtype=dtype, device=DEVICE), randn(1, 1, 7, D, dtype=dtype, device=DEVICE)
     mask = torch.tensor([[True] * 5 + [False] * 2], device=DEVICE)
@@ -631,8 +631,8 @@ def test_cuda_empty_inputs(kernel):
 
 
 CUDA_REFUSED = [
-    ("fp32", lambda q, k, v: attention(q.float(), k.float(), v.float()), "torch.float32"),
-    ("head dim", lambda q, k, v: attention(q[..., :16], k[..., :16], v[..., :16]), "head dim 16"),
+    ("fp32", lambda q, k, v: attention(q.float(), k.float(), v.float()), "on torch.float32"),
+    ("head dim", lambda q, k, v: attention(q[..., :16], k[..., :16], v[..., :16]), "with head dim 16"),
 ]
 
 
@@ -642,7 +642,7 @@ def test_cuda_refuses_what_it_lacks(kernel, case):
     """A forced CUDA backend refuses what its kernels lack with a clear error, never a wrong result."""
     _, fn, words = case
     q, k, v = (torch.randn(2, 2, L, 32, dtype=FP16, device=DEVICE) for L in (7, 9, 9))
-    with fastlm.use_backend(kernel), pytest.raises(RuntimeError, match=f"{kernel}.*no attention with {words}"):
+    with fastlm.use_backend(kernel), pytest.raises(RuntimeError, match=f"{kernel}.*no attention {words}"):
         fn(q, k, v)
 
 
@@ -675,8 +675,6 @@ GLUE_ERRORS = [
 @pytest.mark.parametrize("case", GLUE_ERRORS, ids=[c[0] for c in GLUE_ERRORS])
 def test_cuda_glue_checks_before_launch(kernel, case):
     """The glue's TORCH_CHECKs catch bad input that bypasses the Python validation."""
-    from fastlm.ops.attention import _kernels
-
     name, tensors, extra, words = case
     if name == "bucket range" and DEVICE != "cpu":
         pytest.skip("the glue reads bucket entries back only from CPU tensors (on a GPU the kernels clamp them)")
@@ -697,4 +695,4 @@ def test_cuda_glue_checks_before_launch(kernel, case):
         **extra,
     }
     with pytest.raises(RuntimeError, match=words):
-        _kernels(kernel).attention_fwd(*tensors(q, k, v), *args.values())
+        ATTENTION.module(kernel).attention_fwd(*tensors(q, k, v), *args.values())
