@@ -107,7 +107,7 @@ def _run(
         seed = int(torch.randint(0, 2**62, (1,)).item())
         extra["dropout_mask"] = dropout_keep_mask(seed, (B, Hq, Lq, Lk), dropout_p, DEVICE)
     oracle, oracle_grads = call(attention_reference, torch.float64, **extra)
-    base, base_grads = call(attention_reference, dtype, **extra)
+    base, base_grads = call(attention_reference, dtype, upcast=False, **extra)
     assert out.shape == (B, Hq, Lq, D) and out.dtype == dtype
     assert_close_to_reference(out, oracle, base, factor=2.0, name=f"{kernel} out")
     for name, grad in grads.items():
