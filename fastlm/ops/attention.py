@@ -114,6 +114,11 @@ def dropout_keep_mask(seed, shape, dropout_p, device=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def _default_scale(D):
+    """1/sqrt(D), the default scale of q.k; 1.0 for an empty head dim (every score is then 0 anyway)."""
+    return 1.0 / math.sqrt(D) if D > 0 else 1.0
+
+
 def _working_dtype(dtype, upcast):
     """The dtype the reference computes in: fp32 for fp16/bf16 input when `upcast`, else the input's."""
     return torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
@@ -201,7 +206,7 @@ def attention_reference(
         rel_bias=None if rel_pos is None else rel_pos.bias(Lq, Lk),
         dropout_p=dropout_p,
         dropout_mask=dropout_mask,
-        scale=1.0 / math.sqrt(D) if scale is None else scale,
+        scale=_default_scale(D) if scale is None else scale,
         upcast=upcast,
         return_lse=return_lse,
     )
@@ -589,7 +594,7 @@ def attention(
         "attn_bias": attn_bias,
         "rel_pos": rel_pos,
         "dropout_p": float(dropout_p),
-        "scale": 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        "scale": _default_scale(q.shape[-1]) if scale is None else float(scale),
         "return_lse": return_lse,
     }
     dtype = _autocast_dtype(q)
