@@ -10,6 +10,7 @@ in fp32 and its log-sum-exp (fp32) is what forward saves for backward.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,7 @@ class RelativePositionBias:
 
     def bias(self, Lq, Lk):
         """The materialised (Hq, Lq, Lk) bias, for the reference only."""
-        device = self.table.device
-        diag = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # (Lq, Lk)
-        bucket = self.diagonal_buckets(Lq, Lk)[diag + Lq - 1]  # (Lq, Lk)
-        return self.table[bucket].permute(2, 0, 1)  # (Lq, Lk, Hq) -> (Hq, Lq, Lk)
+        return _table_bias(self.table, self.diagonal_buckets(Lq, Lk), Lq, Lk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +114,62 @@ def dropout_keep_mask(seed, shape, dropout_p, device=None):
 # ----------------------------------------------------------------------------------------------
 
 
+def _default_scale(D):
+    """1/sqrt(D), the default scale of q.k; 1.0 for an empty head dim (every score is then 0 anyway)."""
+    return 1.0 / math.sqrt(D) if D > 0 else 1.0
+
+
+def _working_dtype(dtype, upcast):
+    """The dtype the reference computes in: fp32 for fp16/bf16 input when `upcast`, else the input's."""
+    return torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _table_bias(table, bucket, Lq, Lk):
+    """The (Hq, Lq, Lk) bias of a (num_buckets, Hq) table for the (Lq + Lk - 1,) diagonal buckets."""
+    device = table.device
+    diag = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # (Lq, Lk)
+    return table[bucket.long()[diag + Lq - 1]].permute(2, 0, 1)  # (Lq, Lk, Hq) -> (Hq, Lq, Lk)
+
+
+def _masked_scores(q, k, *, causal, key_padding_mask, attn_bias, rel_bias, scale):
+    """Scores (B, Hq, Lq, Lk) in q's dtype: q.k * scale + attn_bias + rel_bias, -inf where a key is hidden
+    (causal or key_padding_mask). q (B, Hq, Lq, D), k (B, Hkv, Lk, D); rel_bias (Hq, Lq, Lk) or None."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    if attn_bias is not None:
+        s = s + attn_bias.to(s.dtype)
+    if rel_bias is not None:
+        s = s + rel_bias.to(s.dtype)
+    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)  # (Lq, Lk)
+    if causal:
+        visible = visible.tril(Lk - Lq)
+    visible = visible.expand(B, 1, Lq, Lk)  # (B, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    return s.masked_fill(~visible, float("-inf"))
+
+
+def _reference(q, k, v, *, rel_bias, dropout_p, dropout_mask, scale, upcast, return_lse, **masks):
+    """attention_reference with the relative-position bias materialised: rel_bias (Hq, Lq, Lk) or None.
+    `masks` holds causal, key_padding_mask and attn_bias. Returns o, or (o, lse) with ``return_lse``."""
+    dtype = _working_dtype(q.dtype, upcast)
+    s = _masked_scores(q.to(dtype), k.to(dtype), rel_bias=rel_bias, scale=scale, **masks)  # (B, Hq, Lq, Lk)
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)  # (B, Hq, Lq, 1): rows that see no key give zeros
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            raise ValueError("attention_reference: dropout_p > 0 needs dropout_mask (B, Hq, Lq, Lk) bool")
+        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    Hq = q.shape[1]
+    v = v.to(dtype).repeat_interleave(Hq // v.shape[1], dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
+    o = (p @ v).to(q.dtype)  # (B, Hq, Lq, D)
+    if not return_lse:
+        return o
+    return o, s.detach().logsumexp(dim=-1).float()  # (B, Hq, Lq)
+
+
 def attention_reference(
     q,
     k,
@@ -128,55 +182,34 @@ def attention_reference(
     dropout_p=0.0,
     dropout_mask=None,
     scale=None,
+    upcast=True,
+    return_lse=False,
 ):
-    """Plain PyTorch attention in the dtype of q (pass fp64 tensors for the oracle).
+    """Plain PyTorch attention, the oracle (pass fp64 tensors) and the `reference` backend.
 
     Same arguments and conventions as ``attention``; dropout needs ``dropout_mask`` (B, Hq, Lq, Lk)
-    bool, True = kept (see ``dropout_keep_mask``). Materialises the (B, Hq, Lq, Lk) scores.
+    bool, True = kept (see ``dropout_keep_mask``). Materialises the (B, Hq, Lq, Lk) scores. With
+    ``upcast`` (the default) fp16/bf16 input is computed in fp32 and the output rounded to q's dtype
+    once; ``upcast=False`` runs every step in q's dtype (the same-dtype PyTorch baseline of the tests).
+    Returns (B, Hq, Lq, D) in q's dtype, and with ``return_lse`` also the (B, Hq, Lq) fp32 log-sum-exp
+    of the scores (no gradient).
     """
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
-    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
-    if attn_bias is not None:
-        s = s + attn_bias.to(s.dtype)
-    if rel_pos is not None:
-        s = s + rel_pos.bias(Lq, Lk).to(s.dtype)
-    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)  # (Lq, Lk)
-    if causal:
-        visible = visible.tril(Lk - Lq)
-    visible = visible.expand(B, 1, Lq, Lk)  # (B, 1, Lq, Lk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    s = s.masked_fill(~visible, float("-inf"))
-    empty = ~visible.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1): rows with no key give zeros
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    if dropout_p > 0.0:
-        if dropout_mask is None:
-            raise ValueError("attention_reference: dropout_p > 0 needs dropout_mask (B, Hq, Lq, Lk) bool")
-        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
-    return p @ v  # (B, Hq, Lq, D)
-
-
-def _reference_lse(q, k, *, causal, key_padding_mask, attn_bias, rel_pos, scale):
-    """Log-sum-exp of the scores per row, (B, Hq, Lq) fp32, -inf for rows with no key."""
-    B, Hq, Lq, _ = q.shape
+    Lq, D = q.shape[2], q.shape[3]
     Lk = k.shape[2]
-    k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
-    if attn_bias is not None:
-        s = s + attn_bias.float()
-    if rel_pos is not None:
-        s = s + rel_pos.bias(Lq, Lk).float()
-    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible.tril(Lk - Lq)
-    visible = visible.expand(B, 1, Lq, Lk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    return s.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)
+    return _reference(
+        q,
+        k,
+        v,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        attn_bias=attn_bias,
+        rel_bias=None if rel_pos is None else rel_pos.bias(Lq, Lk),
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        scale=_default_scale(D) if scale is None else scale,
+        upcast=upcast,
+        return_lse=return_lse,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +313,36 @@ def _reduce_to(grad, shape):
     return grad.reshape(shape)
 
 
+def _reference_backward(do, q, k, v, attn_bias, table, mask, bucket, seed, causal, scale, dropout_p, needs):
+    """Gradients of (q, k, v, attn_bias, table), None where `needs` says so, by autograd through the fp32
+    reference; they carry a graph, so they can be differentiated again (the backward of create_graph=True).
+    Arguments as saved by _AttentionFunction.forward; do (B, Hq, Lq, D)."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    keep = dropout_keep_mask(int(seed.item()), (B, Hq, Lq, Lk), dropout_p, q.device) if dropout_p > 0.0 else None
+    o = _reference(
+        q,
+        k,
+        v,
+        causal=causal,
+        key_padding_mask=mask,
+        attn_bias=attn_bias,
+        rel_bias=None if table is None else _table_bias(table, bucket, Lq, Lk),
+        dropout_p=dropout_p,
+        dropout_mask=keep,
+        scale=scale,
+        upcast=True,
+        return_lse=False,
+    )
+    wanted = [t for t, need in zip((q, k, v, attn_bias, table), needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(o, wanted, do, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 class _AttentionFunction(torch.autograd.Function):
+    """The kernels' forward and backward; a backward asked to build a graph (create_graph=True, as for
+    double backward) runs the reference formula instead, so its gradients are differentiable."""
+
     @staticmethod
     def forward(ctx, q, k, v, attn_bias, table, mask, bucket, seed, causal, scale, dropout_p, backend):
         B, Hq, Lq, _ = q.shape
@@ -296,6 +358,12 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, attn_bias, table, mask, bucket, seed = ctx.saved_tensors
         causal, scale, dropout_p, backend = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True
+            needs = ctx.needs_input_grad[:5]
+            grads = _reference_backward(
+                do, q, k, v, attn_bias, table, mask, bucket, seed, causal, scale, dropout_p, needs
+            )
+            return (*grads, None, None, None, None, None, None, None)
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         bias = None if attn_bias is None else attn_bias.expand(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk)
@@ -336,7 +404,7 @@ def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
+def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -419,8 +487,35 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p):
             )
         if table.device != q.device:
             raise ValueError(f"attention: rel_pos.table is on {table.device} but q is on {q.device}")
+
+
+def _is_number(value):
+    """Whether `value` is a real number (a Python or NumPy one, or a symbolic one under torch.compile)."""
+    return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _validate_options(causal, dropout_p, scale):
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if not _is_number(dropout_p):
+        raise TypeError(
+            f"attention: dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}"
+        )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not _is_number(scale):
+        raise TypeError(f"attention: scale must be a number or None, got {type(scale).__name__} {scale!r}")
+    if isinstance(scale, numbers.Real) and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+
+
+def _autocast_dtype(q):
+    """The dtype autocast runs attention in for q's device (fp16/bf16/fp32 input is cast to it, fp64 is
+    not, as for torch's scaled_dot_product_attention), or None outside an autocast region."""
+    device = q.device.type
+    if q.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def attention(
@@ -442,24 +537,49 @@ def attention(
         bfloat16 (float64 runs on the reference backend); any strides (views of a fused QKV projection
         are used as they are). Returns (B, Hq, Lq, D) in q's dtype, and with ``return_lse`` also the
         (B, Hq, Lq) fp32 log-sum-exp of the scores (natural log, -inf for rows that see no key; it
-        carries no gradient).
+        carries no gradient). Under torch.autocast, q, k and v (unless fp64) are first cast to the
+        autocast dtype, as torch's scaled_dot_product_attention does; attn_bias and the rel_pos table are
+        used as they are.
     causal: key j is visible to query i iff j <= i + (Lk - Lq) (bottom-right aligned; top-left when
         Lq == Lk).
-    key_padding_mask: (B, Lk) bool, True = attend. A query that sees no key gets zeros and zero
-        gradients.
+    key_padding_mask: (B, Lk) bool, True = attend.
     attn_bias: additive float tensor broadcastable to (B, Hq, Lq, Lk); differentiable, its gradient
-        reduced over the broadcast dims.
+        reduced over the broadcast dims. -inf hides a key.
     rel_pos: fastlm.RelativePositionBias, a (num_buckets, Hq) table with T5's bucketing; the query i
         sits at position i + (Lk - Lq). The (Hq, Lq, Lk) bias is never materialised; the table gets
         a gradient.
-    dropout_p: dropout on the probabilities (pass 0.0 at evaluation); the mask comes from a seed drawn
-        from torch's default CPU generator, so torch.manual_seed reproduces it (``dropout_keep_mask``).
-    scale: multiplies q.k; default 1/sqrt(D) (T5 uses 1.0).
+    dropout_p: dropout on the probabilities, a number in [0, 1) (pass 0.0 at evaluation); the mask comes
+        from a seed drawn from torch's default CPU generator, so torch.manual_seed reproduces it
+        (``dropout_keep_mask``).
+    scale: a finite number multiplying q.k; default 1/sqrt(D) (T5 uses 1.0).
+
+    A query that sees no key (every score -inf: hidden by causal, key_padding_mask or an attn_bias of
+    -inf) gets zeros, zero gradients (for attn_bias too) and an LSE of -inf, on every backend, as in
+    torch's scaled_dot_product_attention. NaN in any input reaches the output. Gradients taken with
+    create_graph=True are computed by the reference formula (fp32), so they can be differentiated again.
     """
-    _validate(q, k, v, key_padding_mask, attn_bias, rel_pos, dropout_p)
+    _validate(q, k, v, key_padding_mask, attn_bias, rel_pos)
+    _validate_options(causal, dropout_p, scale)
+    options = {
+        "causal": causal,
+        "key_padding_mask": key_padding_mask,
+        "attn_bias": attn_bias,
+        "rel_pos": rel_pos,
+        "dropout_p": float(dropout_p),
+        "scale": _default_scale(q.shape[-1]) if scale is None else float(scale),
+        "return_lse": return_lse,
+    }
+    dtype = _autocast_dtype(q)
+    if dtype is None:
+        return _attention(q, k, v, **options)
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention(q.to(dtype), k.to(dtype), v.to(dtype), **options)
+
+
+def _attention(q, k, v, *, causal, key_padding_mask, attn_bias, rel_pos, dropout_p, scale, return_lse):
+    """attention on validated arguments (scale a float): pick the backend and run it."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     others = tuple(t.dtype for t in (attn_bias, None if rel_pos is None else rel_pos.table) if t is not None)
     backend = ATTENTION.select("attention", q.device, q.dtype, others, head_dim=D)
     seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
@@ -467,7 +587,7 @@ def attention(
         keep = None
         if dropout_p > 0.0:
             keep = dropout_keep_mask(int(seed.item()), (B, Hq, Lq, Lk), dropout_p, q.device)
-        o = attention_reference(
+        return attention_reference(
             q,
             k,
             v,
@@ -478,17 +598,13 @@ def attention(
             dropout_p=dropout_p,
             dropout_mask=keep,
             scale=scale,
-        )
-        if not return_lse:
-            return o
-        return o, _reference_lse(
-            q, k, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias, rel_pos=rel_pos, scale=scale
+            return_lse=return_lse,
         )
     table = bucket = None
     if rel_pos is not None:
         table = rel_pos.table
         bucket = rel_pos.diagonal_buckets(Lq, Lk).to(torch.int32)  # (Lq + Lk - 1,)
     o, lse = _AttentionFunction.apply(
-        q, k, v, attn_bias, table, key_padding_mask, bucket, seed, causal, scale, float(dropout_p), backend
+        q, k, v, attn_bias, table, key_padding_mask, bucket, seed, causal, scale, dropout_p, backend
     )
     return (o, lse) if return_lse else o
