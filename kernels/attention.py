@@ -415,7 +415,7 @@ def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropo
     Hkv, Lk = k.shape[1], k.shape[2]
     o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)  # (B, Hq, Lq, D)
     lse = empty((B, Hq, Lq), dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
-    if o.numel() == 0 or Lk == 0:  # no key at all: zeros
+    if lse.numel() == 0 or Lk == 0:  # no query, or no key at all: zeros
         return o.zero_(), lse.fill_(float("-inf"))
     opt, launch = _options(q, causal, bias, mask, table, dropout_p, backward=False)
     terms = _score_terms(q, bias, mask, table, bucket)
