@@ -87,9 +87,10 @@ def _impls(device, causal, rel_pos):
     if device.type == "cpu":
         absent["fastlm triton"] = "Triton runs CPU tensors only through its interpreter (not timed)"
 
-    def reference(q, k, v, mask, table):
+    def reference(q, k, v, mask, table):  # plain PyTorch in the input dtype, as users write it
         rp = None if table is None else RelativePositionBias(table, bidirectional)
-        return attention_reference(q, k, v, causal=causal, key_padding_mask=mask, rel_pos=rp, scale=scale)
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=mask, rel_pos=rp, scale=scale,
+                                   upcast=False)
 
     impls["torch eager"] = reference
     impls["torch.compile eager"] = torch.compile(reference, dynamic=False)
