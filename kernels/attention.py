@@ -93,6 +93,19 @@ def _program(H, OPT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(Q, sq, K, sk, V, sv, Hq, Lq, GROUP, OPT: tl.constexpr):
+    """The prologue of a program over a Q tile (forward, dQ): _program's coordinates, the (BLOCK_M,
+    BLOCK_D) in-bounds mask and Q tile, and K and V moved to the tile's KV head."""
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    b, h, start_m, offs_m, offs_d, d_ok = _program(Hq, OPT, BLOCK_M)
+    K_H = _head(K, sk, b, h // GROUP)
+    V_H = _head(V, sv, b, h // GROUP)
+    md_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(_tile(_head(Q, sq, b, h), sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+    return b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H
+
+
+@triton.jit
 def _scores(qk, terms, h, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale, OPT: tl.constexpr,
             CAUSAL: tl.constexpr):
     """Scores of one (BLOCK_M, BLOCK_N) tile of query head h in base 2 (natural scores times log2(e)),
@@ -202,12 +215,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, sq, sk, sv, so, terms, Hq, Lq, Lk, GROUP, sm_
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
-    b, h, start_m, offs_m, offs_d, d_ok = _program(Hq, OPT, BLOCK_M)
-    K_H = _head(K, sk, b, h // GROUP)
-    V_H = _head(V, sv, b, h // GROUP)
+    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(Q, sq, K, sk, V, sv, Hq, Lq, GROUP, OPT)
     terms = _terms_at(terms, b, h)
-    md_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(_tile(_head(Q, sq, b, h), sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -310,12 +319,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, terms, Hq,
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
-    b, h, start_m, offs_m, offs_d, d_ok = _program(Hq, OPT, BLOCK_M)
-    K_H = _head(K, sk, b, h // GROUP)
-    V_H = _head(V, sv, b, h // GROUP)
+    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(Q, sq, K, sk, V, sv, Hq, Lq, GROUP, OPT)
     m_ok = offs_m < Lq
-    md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(_tile(_head(Q, sq, b, h), sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
     do = tl.load(_tile(_head(DO, sdo, b, h), sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
     lse2, delta = _row_stats(LSE, DELTA, tl.program_id(1).to(tl.int64) * Lq, offs_m, m_ok)  # row b * Hq + h
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
