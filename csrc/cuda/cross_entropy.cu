@@ -93,7 +93,9 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
   if (threadIdx.x == 0) {
     const float target = in_range ? to_float(x[label]) : nanf("");
     p.lse[row] = lse;
-    p.loss[row] = (1.f - eps) * (lse - target) + eps * (lse - sum_x / n) + z * lse * lse;
+    // The ε term is left out at ε = 0, where a -inf logit would make it 0 · inf = NaN (as in torch).
+    const float smooth = eps > 0.f ? eps * (lse - sum_x / n) : 0.f;
+    p.loss[row] = (1.f - eps) * (lse - target) + smooth + z * lse * lse;
   }
   if (grad == nullptr) return;
   const float scale = p.scale[row];
