@@ -60,9 +60,12 @@ def cross_entropy_reference(logits, labels, *, ignore_index=-100, label_smoothin
     x = torch.where(valid[:, None], x, 0.0)  # ignored rows are not read (as in the kernels): NaN there is inert
     lse = torch.logsumexp(x, dim=-1)
     target = x.gather(1, torch.where(valid, y, 0).long()[:, None]).squeeze(1)
-    loss = (1 - label_smoothing) * (lse - target) + z_loss * lse.square()
-    if label_smoothing:  # skipped at 0, where a -inf logit would make it 0 · inf = NaN (torch skips it too)
+    # Terms of weight 0 are left out: a -inf logit (smoothing) or a huge lse (z-loss) would make them 0 · inf.
+    loss = (1 - label_smoothing) * (lse - target)
+    if label_smoothing:
         loss = loss + label_smoothing * (lse - x.mean(-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if reduction == "mean":
         return loss.sum() / valid.sum().clamp_min(1)
@@ -302,14 +305,20 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public functions
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_options(fn, ignore_index, label_smoothing, reduction, z_loss):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"{fn}: ignore_index must fit in int64, got {ignore_index}")
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    if not isinstance(z_loss, (int, float)) or not 0 <= z_loss < math.inf:
+    if not _is_number(z_loss) or not 0 <= z_loss < math.inf:
         raise ValueError(f"{fn}: z_loss must be a finite non-negative number, got {z_loss!r}")
 
 

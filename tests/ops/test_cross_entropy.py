@@ -262,6 +262,17 @@ def test_tied_weights(backend, device):
         (lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), reduction="avg"), ValueError, "avg"),
         (lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), label_smoothing=2), ValueError, "1]"),
         (lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), z_loss=-1), ValueError, "z_loss"),
+        (lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), z_loss=True), ValueError, "z_loss"),
+        (
+            lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), label_smoothing=True),
+            ValueError,
+            "1]",
+        ),
+        (
+            lambda: fastlm.cross_entropy(torch.randn(4, 8), torch.zeros(4).long(), ignore_index=2**63),
+            ValueError,
+            "int64",
+        ),
         (
             lambda: fastlm.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4).long()),
             ValueError,
@@ -658,3 +669,12 @@ def test_nan_propagates_from_labelled_rows_only(backend, device, label_smoothing
         assert torch.isnan(loss).tolist() == [True, False, False, False]
         assert torch.isnan(grad).any(1).tolist() == [True, False, False, False]
         assert torch.count_nonzero(grad[2]) == 0
+
+
+def test_huge_logits(backend, device):
+    """A logit of 1e30: lse² overflows fp32, and a z-loss weight of 0 must not turn that into 0 · inf = NaN."""
+    logits = torch.tensor([[1e30, 0.0, -1.0]], device=device)
+    labels = torch.tensor([1], device=device)
+    with fastlm.use_backend(backend):
+        loss = fastlm.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.1))
