@@ -393,12 +393,12 @@ def cross_entropy(logits, labels, *, ignore_index=-100, label_smoothing=0.0, red
     reduction: "mean" (over non-ignored labels; 0 when there are none), "sum", or "none" (loss per row)
     Returns the loss in float32 (float64 for float64 logits): a scalar, or labels' shape for "none".
     Any layout of logits and labels is accepted. Labels outside [0, V) other than ignore_index raise a
-    ValueError for CPU tensors (and on any device with FASTLM_DEBUG_CHECKS=1), else give a NaN loss. -inf
-    logits give torch's loss (finite unless at the label, or with label_smoothing > 0: +inf) and finite
-    gradients; NaN propagates, except from rows labelled ignore_index, which are never read (their
-    gradient is 0 where torch's would be NaN). The gradient is computed in forward, only when grad mode is on and logits
-    require grad; backward with create_graph=True (double backward) raises a RuntimeError except on the
-    reference backend.
+    ValueError for CPU tensors (and on any device with FASTLM_DEBUG_CHECKS=1), else give a NaN loss.
+    -inf logits give torch's loss (finite unless at the label, or with label_smoothing > 0: +inf) and
+    finite gradients. NaN propagates, except from rows labelled ignore_index, which are never read (their
+    gradient is 0 where torch's would be NaN). The gradient is computed in forward, only when grad mode
+    is on and logits require grad; backward with create_graph=True (double backward) raises a
+    RuntimeError except on the reference backend.
     """
     fn = "cross_entropy"
     _check_tensor(fn, "logits", logits, floating=True)
@@ -441,8 +441,8 @@ def linear_cross_entropy(
         more labelled rows than `capacity` give a NaN loss in every backend (with FASTLM_DEBUG_CHECKS=1
         in the environment a ValueError instead, at the cost of a host sync). Without it the labelled
         rows are found with torch.nonzero (a host sync on a GPU).
-    Under torch.autocast hidden, weight and bias are first cast to the autocast dtype (as F.linear
-    casts them), so they may then differ in dtype; the loss stays fp32.
+    Under torch.autocast, hidden, weight and bias are first cast to the autocast dtype, as F.linear casts
+    them (so they may be given in different dtypes there); the loss stays fp32.
     Other arguments as for `cross_entropy`. With reduction "mean" or "sum", d hidden, d weight (fp32
     accumulation) and d bias are computed in the forward pass (only when grad mode is on and they
     require grad) and backward only scales them; with "none" backward recomputes the chunks. Memory
