@@ -119,8 +119,8 @@ def _ce_fwd(
     compute_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row kernel on a (rows, V) view with unit stride along V; labels (rows,) int64; scale (rows,) fp32,
-    the factor each row's gradient is multiplied by. Returns loss (rows,) fp32 (0 for ignored rows, NaN
+    """Row kernel on a (rows, V) view with unit stride along V; labels (rows,) contiguous int64; scale
+    (rows,) fp32, the factor each row's gradient is multiplied by. Returns loss (rows,) fp32 (0 for ignored rows, NaN
     for labels outside [0, V)), lse (rows,) fp32 (0 for ignored rows) and, when compute_grad, the
     gradient of each row's loss times its scale, (rows, V) in logits' dtype (else an empty tensor)."""
     kernels = _kernels(backend)
