@@ -165,9 +165,11 @@ def _reduce(loss_rows, count, reduction):
 
 
 def _flat_labels(labels):
-    """labels (...) int64/int32 as the contiguous (rows,) int64 tensor the kernels read (labels of any
-    layout, e.g. sliced or stride-0 expanded, are copied; they are small next to the logits)."""
-    return labels.reshape(-1).long().contiguous()  # (rows,)
+    """labels (...) int64/int32 as the (rows,) int64 tensor of unit stride the kernels read (labels of any
+    other layout, e.g. sliced or stride-0 expanded, are copied; they are small next to the logits).
+    Unlike .contiguous(), this also copies a single label of stride ≠ 1."""
+    y = labels.reshape(-1).long()  # (rows,)
+    return y if y.stride(0) == 1 else y.clone(memory_format=torch.contiguous_format)
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
