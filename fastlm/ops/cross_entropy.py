@@ -44,7 +44,7 @@ REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
 # Set to "1" to check the labels' range and linear_cross_entropy's capacity on the host for tensors on
 # any device (a host sync on a GPU): bad input then raises instead of giving a NaN loss. The labels of CPU
-# tensors are always checked (it costs nothing there).
+# tensors are always checked (it costs nothing there). Eager mode only: torch.compile skips the checks.
 DEBUG_CHECKS_ENV = "FASTLM_DEBUG_CHECKS"
 
 
@@ -441,7 +441,7 @@ def linear_cross_entropy(
     capacity: an upper bound on the number of labelled rows (BERT's max_predictions_per_seq × batch):
         the labelled rows are then gathered into a fixed-size buffer without a host sync (on a GPU);
         more labelled rows than `capacity` give a NaN loss in every backend (with FASTLM_DEBUG_CHECKS=1
-        in the environment a ValueError instead, at the cost of a host sync). Without it the labelled
+        in the environment a ValueError instead, in eager mode, at the cost of a host sync). Without it the labelled
         rows are found with torch.nonzero (a host sync on a GPU).
     Under torch.autocast, hidden, weight and bias are first cast to the autocast dtype, as F.linear casts
     them (so they may be given in different dtypes there); the loss stays fp32.

@@ -506,6 +506,15 @@ def test_debug_checks_raise_on_capacity(backend, device, monkeypatch):
         assert torch.isfinite(fastlm.linear_cross_entropy(hidden, weight, labels, capacity=3))
 
 
+def test_debug_checks_cover_every_device(monkeypatch):
+    """Label values are checked on the host for CPU tensors always, for GPU tensors only with debug checks
+    (a host sync)."""
+    monkeypatch.delenv("FASTLM_DEBUG_CHECKS", raising=False)
+    assert CE_MODULE._host_checks(torch.device("cpu")) and not CE_MODULE._host_checks(torch.device("cuda"))
+    monkeypatch.setenv("FASTLM_DEBUG_CHECKS", "1")
+    assert CE_MODULE._host_checks(torch.device("cuda"))
+
+
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
 def test_double_backward(backend, device, op):
     """create_graph=True: the reference differentiates its gradient again (as torch does); the kernel
