@@ -2,7 +2,8 @@
 
 One program per row. Non-ignored rows stream the row in BLOCK-wide tiles once with an online softmax
 (running max and rescaled Σ exp, plus Σ x for label smoothing) in fp32; when a gradient is requested a
-second sweep writes scale · (softmax (1 + 2 z lse) - ε / V - (1 - ε) onehot). Ignored rows write zeros
+second sweep writes scale · (softmax (1 + 2 z lse) - ε / V - (1 - ε) onehot). -inf logits are
+handled as torch does (the ε term is left out at ε = 0). Ignored rows write zeros
 without reading their logits. The label's logit is a single masked load, so a label outside [0, V)
 never reads out of bounds: that row gets a NaN loss and a NaN gradient.
 """
@@ -45,12 +46,15 @@ def _ce_fwd_kernel(
             mask = c < V
             x = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # a tile of -inf adds 0, not exp(NaN)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
             m = m_new
         lse = m + tl.log(s)
         target = tl.load(x_row + label, mask=in_range, other=float("nan")).to(tl.float32)
-        loss = (1.0 - smoothing) * (lse - target) + smoothing * (lse - sum_x / V) + z_loss * lse * lse
+        # The smoothing term is skipped at ε = 0, where a -inf logit would make it 0 · inf = NaN.
+        smooth = tl.where(smoothing > 0, smoothing * (lse - sum_x / V), 0.0)
+        loss = (1.0 - smoothing) * (lse - target) + smooth + z_loss * lse * lse
         tl.store(Loss + row, loss)
         tl.store(Lse + row, lse)
         if HAS_GRAD:

@@ -55,6 +55,11 @@ float sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
+// ε (lse - mean x), left out at ε = 0 where a -inf logit would make it 0 · inf = NaN (as in torch).
+inline float smoothing_term(float eps, float lse, float sum_x, int64_t n) {
+  return eps > 0.f ? eps * (lse - sum_x / n) : 0.f;
+}
+
 // dst = exp(x - lse) * a - b, the gradient before the label's own term.
 void softmax_grad(const float* x, float* dst, int64_t n, float lse, float a, float b) {
   const Vec vl(lse), va(a), vb(b);
@@ -92,7 +97,7 @@ void forward(const CrossEntropyParams& p) {
       const float lse = stats.max + std::log(sum_exp(x, n, stats.max));
       const float target = in_range ? x[label] : kNaN;
       p.lse[r] = lse;
-      p.loss[r] = (1.f - eps) * (lse - target) + eps * (lse - stats.sum_x / n) + z * lse * lse;
+      p.loss[r] = (1.f - eps) * (lse - target) + smoothing_term(eps, lse, stats.sum_x, n) + z * lse * lse;
       if (!grad_row) continue;
       if (!in_range) {
         std::fill(grad_row, grad_row + n, T(kNaN));

@@ -19,8 +19,12 @@ struct SoftmaxState {
   float max, sum;
 };
 
+// max that propagates NaN (fmaxf returns the other operand): a NaN logit must reach the lse even when it
+// is all a thread saw, where fmaxf would leave that thread's max at -inf and the merge would drop its sum.
+__device__ __forceinline__ float nan_max(float a, float b) { return (isnan(a) || a > b) ? a : b; }
+
 __device__ __forceinline__ SoftmaxState merge(SoftmaxState a, SoftmaxState b) {
-  const float m = fmaxf(a.max, b.max);
+  const float m = nan_max(a.max, b.max);
   const float sa = a.max == -INFINITY ? 0.f : a.sum * __expf(a.max - m);
   const float sb = b.max == -INFINITY ? 0.f : b.sum * __expf(b.max - m);
   return {m, sa + sb};
@@ -76,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
     load_float<VEC>(x + col, v);
     float m = st.max;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) m = fmaxf(m, v[k]);
+    for (int k = 0; k < VEC; ++k) m = nan_max(m, v[k]);
     float s = st.max == -INFINITY ? 0.f : st.sum * __expf(st.max - m);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -93,7 +97,9 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
   if (threadIdx.x == 0) {
     const float target = in_range ? to_float(x[label]) : nanf("");
     p.lse[row] = lse;
-    p.loss[row] = (1.f - eps) * (lse - target) + eps * (lse - sum_x / n) + z * lse * lse;
+    // The ε term is left out at ε = 0, where a -inf logit would make it 0 · inf = NaN (as in torch).
+    const float smooth = eps > 0.f ? eps * (lse - sum_x / n) : 0.f;
+    p.loss[row] = (1.f - eps) * (lse - target) + smooth + z * lse * lse;
   }
   if (grad == nullptr) return;
   const float scale = p.scale[row];

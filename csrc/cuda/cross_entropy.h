@@ -12,7 +12,7 @@ namespace fastlm {
 
 // One row per label. Per non-ignored row i with label y (see fastlm/ops/cross_entropy.py):
 //   lse_i  = log Σ_j exp(x_ij)
-//   loss_i = (1 - ε)(lse_i - x_iy) + ε(lse_i - mean_j x_ij) + z lse_i²
+//   loss_i = (1 - ε)(lse_i - x_iy) + ε(lse_i - mean_j x_ij) + z lse_i²   (the ε term only when ε > 0)
 //   dx_ij  = scale_i (softmax_ij (1 + 2 z lse_i) - ε / V - (1 - ε)[j == y])
 // Ignored rows (label == ignore_index) get loss 0, lse 0 and a zero gradient row; rows whose label is
 // outside [0, V) get a NaN loss and a NaN gradient row, and nothing is read at the label.
