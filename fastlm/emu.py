@@ -46,12 +46,16 @@ def _guarded_copy(value):
     return value
 
 
+def _bytes(t):
+    """t's elements as bytes, so NaN counts as equal to NaN; a fresh compact copy, whatever t's strides (a
+    one-element tensor with a stride other than 1 counts as contiguous but cannot be viewed as bytes)."""
+    return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)  # (numel * itemsize,)
+
+
 def _write_back(original, copy):
     """Copy what a kernel wrote into an input's checked copy back into the input."""
     if isinstance(original, torch.Tensor):
-        # compared as bytes so NaN outputs count as equal; contiguous() also covers expanded inputs
-        before = original.contiguous().reshape(-1).view(torch.uint8)
-        if not torch.equal(before, copy.contiguous().reshape(-1).view(torch.uint8)):
+        if not torch.equal(_bytes(original), _bytes(copy)):
             original.copy_(copy)
     elif isinstance(original, (list, tuple)):
         for o, c in zip(original, copy, strict=True):

@@ -48,3 +48,16 @@ def test_norm_kernels_in_checked_mode(rms, dtype, shape):
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected, strict=True):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize(
+    "original",
+    [torch.zeros(8)[::3], torch.zeros(4)[1:2].as_strided((1,), (3,)), torch.zeros(1, 5).expand(3, 5)[:1]],
+    ids=["strided", "one-element-stride-3", "expanded-row"],
+)
+def test_write_back_takes_any_layout(original):
+    """What a kernel wrote into a checked copy reaches the input, whatever the input's strides (a one-element
+    tensor whose stride is not 1 counts as contiguous yet cannot be viewed as bytes in place)."""
+    copy = torch.full(original.shape, 2.0)
+    emu._write_back(original, copy)
+    assert torch.equal(original, copy)
