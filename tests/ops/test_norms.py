@@ -232,7 +232,7 @@ def penalty_grads(fn, inputs, upstream, rms):
 def test_double_backward(backend, device, rms):
     """A gradient penalty through the norm (create_graph=True) gets its gradients, in every backend."""
     if backend == "cuda_emu":
-        pytest.skip("open: under the CUDA host emulator this test exhausts the machine's memory (being investigated)")
+        pytest.skip("open: on cuda_emu the create_graph backward re-enters itself through the saved s (recursion)")
     inputs = [
         randn(4, 24, device=device),
         randn(24, device=device) * 0.5 + 1,
