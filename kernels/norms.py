@@ -20,7 +20,7 @@ ELEMENTS_PER_PROGRAM = 4096  # the default tile: rows per program such that a pr
 @triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, Y, S, Mean, Rstd,
-    M, N, stride_x, stride_r, stride_y, stride_s, eps,
+    M, N, stride_x, stride_r, stride_y, stride_s, stride_w, stride_b, eps,
     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
     STORE_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -31,7 +31,9 @@ def _norm_fwd_kernel(
     rows = rows.to(tl.int64)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_R:
+        # s = x + residual rounded to s's dtype: the statistics, y and backward all see the stored s
         x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(S.dtype.element_ty).to(tl.float32)
         if STORE_S:
             tl.store(S + rows[:, None] * stride_s + cols[None, :], x.to(S.dtype.element_ty), mask=mask)
     if RMS:
@@ -44,16 +46,16 @@ def _norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=row_ok)
     y = xc * rstd[:, None]
     if HAS_W:
-        y *= tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y *= tl.load(W + cols * stride_w, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(B + cols * stride_b, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_bwd_kernel(
     DY, DS, S, W, Mean, Rstd, DX, DW_partial, DB_partial,
-    M, N, stride_dy, stride_ds, stride_s, stride_dx, rows_per_program,
+    M, N, stride_dy, stride_ds, stride_s, stride_dx, stride_w, rows_per_program,
     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -61,7 +63,7 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first = pid * rows_per_program
@@ -117,6 +119,11 @@ def shape_class(n):
     return f"n{triton.next_power_of_2(n)}"
 
 
+def _stride(vector):
+    """The element stride of a (N,) weight or bias (0 when absent or expanded)."""
+    return 0 if vector is None else vector.stride(0)
+
+
 def norm_fwd(x, weight, bias, residual, eps, rms, store_residual):
     """Launch the forward kernel; see fastlm.ops.norms._norm_fwd for the contract."""
     rows, n = x.shape
@@ -132,7 +139,8 @@ def norm_fwd(x, weight, bias, residual, eps, rms, store_residual):
     with on_device(x):
         _norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
             x, r, weight, bias, y, s, mean, rstd,
-            rows, n, x.stride(0), r.stride(0), y.stride(0), s.stride(0) if store_residual else 0, eps,
+            rows, n, x.stride(0), r.stride(0), y.stride(0), s.stride(0) if store_residual else 0,
+            _stride(weight), _stride(bias), eps,
             RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
             STORE_S=store_residual, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
@@ -161,7 +169,7 @@ def norm_bwd(dy, ds, s, weight, has_bias, mean, rstd, rms):
             _norm_bwd_kernel[(programs,)](
                 dy, ds, s, weight, mean, rstd, dx, dw_partial, db_partial,
                 rows, n, dy.stride(0), 0 if ds is None else ds.stride(0), s.stride(0), dx.stride(0),
-                rows_per_program,
+                _stride(weight), rows_per_program,
                 RMS=rms, HAS_W=weight is not None, HAS_B=has_bias, HAS_DS=ds is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
             )  # fmt: skip

@@ -17,9 +17,11 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -47,14 +49,18 @@ const float* as_float(const T* src, float* buffer, int64_t n) {
   }
 }
 
-// A row as fp32: the source itself when it is fp32 and there is nothing to add, else `buffer`.
+// A row as fp32: the source itself when it is fp32 and there is nothing to add, else `buffer`. The sum
+// x + residual is rounded to TS, the dtype s is stored in, so the statistics, y and backward all see
+// the same s.
 template <typename T, typename TS>
 const float* input_row(const NormParams& p, int64_t r, float* buffer) {
   const T* x = static_cast<const T*>(p.x) + r * p.x_stride;
   const int64_t n = p.cols;
   if (p.residual == nullptr) return as_float(x, buffer, n);
   const TS* res = static_cast<const TS*>(p.residual) + r * p.residual_stride;
-  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]) + static_cast<float>(res[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    buffer[i] = static_cast<float>(static_cast<TS>(static_cast<float>(x[i]) + static_cast<float>(res[i])));
+  }
   if (p.s != nullptr) at::vec::convert(buffer, static_cast<TS*>(p.s) + r * p.s_stride, n);
   return buffer;
 }
@@ -105,6 +111,60 @@ struct RowWriter {
     _mm_sfence();
 #endif
   }
+};
+
+// Column sums of a stream of (n,) rows, added pairwise so that the rounding error grows with log(rows),
+// not rows: the terms of kBlockRows rows are added into one block row, and full blocks merge like a
+// binary counter (level k holds the sum of 2^k blocks).
+class PairwiseRows {
+ public:
+  static constexpr int64_t kBlockRows = 8;
+
+  explicit PairwiseRows(int64_t n) : n_(n), block_(n, 0.f) {}
+
+  // The row the current row's terms are added into.
+  float* row() { return block_.data(); }
+
+  // Call after each row.
+  void next() {
+    if (++rows_ == kBlockRows) carry();
+  }
+
+  // out[0..n) += the sum of every row.
+  void add_to(float* out) {
+    for (int k = 0; k < kLevels; ++k) {
+      if (used_[k]) add(levels_[k].data(), block_.data());
+    }
+    add(block_.data(), out);
+  }
+
+ private:
+  static constexpr int kLevels = 64;
+
+  void add(const float* src, float* dst) const {
+    int64_t i = 0;
+    for (; i + kW <= n_; i += kW) (Vec::loadu(dst + i) + Vec::loadu(src + i)).store(dst + i);
+    for (; i < n_; ++i) dst[i] += src[i];
+  }
+
+  // Moves the block into the counter, merging equal levels, and clears it.
+  void carry() {
+    rows_ = 0;
+    int k = 0;
+    for (; used_[k]; ++k) {
+      add(levels_[k].data(), block_.data());
+      used_[k] = false;
+    }
+    levels_[k].assign(block_.begin(), block_.end());  // block_ keeps its storage: row() stays valid
+    used_[k] = true;
+    std::fill(block_.begin(), block_.end(), 0.f);
+  }
+
+  int64_t n_;
+  int64_t rows_ = 0;
+  std::vector<float> block_;
+  std::array<std::vector<float>, kLevels> levels_;
+  std::array<bool, kLevels> used_{};
 };
 
 // (mean, 1/std) of a row; mean is 0 for RMSNorm. Two passes over the row (it is in L1 by then).
@@ -168,12 +228,15 @@ void backward(const NormParams& p) {
   const int64_t n = p.cols;
   const std::vector<float> weight = param_row<TW>(p.weight, n, 1.f);
   const bool stream = p.rows * n * int64_t(sizeof(TS)) >= kStreamBytes;
-  // Each task adds into the partial row of the thread running it; threads that run no task leave
-  // theirs as the glue allocated them (zeros).
+  // Each task sums its rows' d weight / d bias pairwise and adds the sums into the partial row of the
+  // thread running it; threads that run no task leave theirs as the glue allocated them (zeros).
   at::parallel_for(0, p.rows, grain(n), [&](int64_t begin, int64_t end) {
     const int64_t t = at::get_thread_num();
-    float* dw = p.dweight_partial ? p.dweight_partial + t * n : nullptr;
-    float* db = p.dbias_partial ? p.dbias_partial + t * n : nullptr;
+    std::optional<PairwiseRows> dw_sum, db_sum;
+    if (p.dweight_partial) dw_sum.emplace(n);
+    if (p.dbias_partial) db_sum.emplace(n);
+    float* dw = dw_sum ? dw_sum->row() : nullptr;
+    float* db = db_sum ? db_sum->row() : nullptr;
     std::vector<float> s_buf(n), dy_buf(n), ds_buf(n), dx_buf(n);
     for (int64_t r = begin; r < end; ++r) {
       const float* s = as_float(static_cast<const TS*>(p.s) + r * p.s_stride, s_buf.data(), n);
@@ -221,7 +284,11 @@ void backward(const NormParams& p) {
         dx[i] = (dy[i] * weight[i] - (xhat * c1 + c2)) * rstd + (ds ? ds[i] : 0.f);
       }
       if constexpr (!std::is_same_v<TS, float>) at::vec::convert(dx_buf.data(), dx_row, n);
+      if (dw_sum) dw_sum->next();
+      if (db_sum) db_sum->next();
     }
+    if (dw_sum) dw_sum->add_to(p.dweight_partial + t * n);
+    if (db_sum) db_sum->add_to(p.dbias_partial + t * n);
     RowWriter::fence();
   });
 }

@@ -15,7 +15,8 @@ constexpr int kWarpRowsPerBlock = 4;  // warp kernels: one row per warp
 constexpr int kMaxWarpCols = 1024;    // widest row the warp kernels keep in registers
 constexpr int kBlockThreads = 512;    // block kernels (wide rows)
 
-// s = x (+ residual) for VEC columns starting at `col` of `row`, in fp32.
+// s = x (+ residual) for VEC columns starting at `col` of `row`, in fp32. The sum is rounded to TS, the
+// dtype s is stored in, so the statistics, y and backward all see the same s.
 template <typename T, typename TS, int VEC>
 __device__ __forceinline__ void load_input(const NormParams& p, int64_t row, int64_t col, float (&v)[VEC]) {
   load_float<VEC>(static_cast<const T*>(p.x) + row * p.x_stride + col, v);
@@ -23,7 +24,7 @@ __device__ __forceinline__ void load_input(const NormParams& p, int64_t row, int
     float r[VEC];
     load_float<VEC>(static_cast<const TS*>(p.residual) + row * p.residual_stride + col, r);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] += r[k];
+    for (int k = 0; k < VEC; ++k) v[k] = to_float(from_float<TS>(v[k] + r[k]));
   }
 }
 

@@ -3,11 +3,20 @@
     s = x + residual          (when residual is given; s is what the next block's residual is)
     y = norm(s) * weight + bias
 
+s is added in fp32 and rounded to its dtype (the promotion of x's and residual's, as `x + residual`
+in PyTorch), and the statistics, y and every gradient are computed from that rounded s: the s
+returned with return_residual=True is exactly the tensor that was normalised.
+
 The stack, in order: the PyTorch reference, the kernel entry points (one per backend: Triton in
 fastlm.kernels.norms, CUDA and CPU C++ in fastlm._C, emulated CUDA in fastlm._C_emu) registered with
 torch.library, the autograd.Function, and the public functions. Statistics are computed and saved in
-fp32 whatever the input dtype; backward recomputes x̂ from the saved input and statistics.
+fp32 whatever the input dtype; backward recomputes x̂ from the saved input and statistics. A backward
+that is itself differentiated (create_graph=True, e.g. a gradient penalty) runs the reference formula
+under autograd instead of the kernel.
 """
+
+import math
+import numbers
 
 import torch
 
@@ -98,6 +107,27 @@ def _norm_bwd(
 
 
 # --------------------------------------------------------------------------- autograd
+def _differentiable_backward(s, weight, dy, eps, rms):
+    """The gradients (d s, d weight) of norm(s) * weight (+ bias) for upstream dy, computed by autograd
+    through the reference formula so that they can be differentiated again. s and dy (..., N); d weight
+    is None when weight is."""
+    with torch.enable_grad():
+        s = s if s.requires_grad else s.detach().requires_grad_()
+        w = None if weight is None else (weight if weight.requires_grad else weight.detach().requires_grad_())
+        y = norm_reference(s.float(), w, None, eps, rms=rms)  # (..., N) fp32
+        inputs = (s,) if w is None else (s, w)
+        grads = torch.autograd.grad(y, inputs, dy.to(y.dtype), create_graph=True, allow_unused=True)
+    return grads[0], (None if w is None else grads[1])
+
+
+def _kernel_backward(ctx, s, weight, mean, rstd, dy, ds, has_bias):
+    """(d s (..., N), d weight, d bias) from the backward kernel of ctx's backend."""
+    n = s.shape[-1]
+    ds = None if ds is None else _rows(ds, n)  # (rows, n)
+    dx, dw, db = _norm_bwd(_rows(dy, n), ds, _rows(s, n), weight, has_bias, mean, rstd, ctx.rms, ctx.backend)
+    return dx.view(s.shape), dw, db  # (..., n)
+
+
 class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, rms, return_residual, backend):
@@ -106,28 +136,33 @@ class _NormFunction(torch.autograd.Function):
         r2 = None if residual is None else _rows(residual, n)  # (rows, n)
         store = residual is not None and (return_residual or any(ctx.needs_input_grad[:4]))
         y, s, mean, rstd = _norm_fwd(x2, weight, bias, r2, eps, rms, store, backend)
-        ctx.save_for_backward(x2 if residual is None else s, weight, mean, rstd)
+        y = y.view(x.shape)  # (..., n)
+        s = s.view(x.shape) if store else s  # (..., n), or empty when not stored
+        # The normalised input is saved as x itself or as the output s, so that a differentiated
+        # backward (create_graph=True) reaches x and residual through autograd.
+        ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
         ctx.meta = (
-            x.shape,
             x.dtype,
             None if residual is None else residual.dtype,
             None if bias is None else bias.dtype,
         )
-        ctx.rms, ctx.backend = rms, backend
-        s_out = s.view(x.shape) if s.numel() else s  # (..., n)
-        return y.view(x.shape), s_out  # (..., n)
+        ctx.eps, ctx.rms, ctx.backend = eps, rms, backend
+        return y, s
 
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, mean, rstd = ctx.saved_tensors
-        shape, x_dtype, residual_dtype, bias_dtype = ctx.meta
-        n = shape[-1]
-        ds = None if ds is None or ds.numel() == 0 else _rows(ds, n)  # (rows, n)
-        has_bias = bias_dtype is not None
-        dx, dw, db = _norm_bwd(_rows(dy, n), ds, s, weight, has_bias, mean, rstd, ctx.rms, ctx.backend)
-        dx = dx.view(shape)  # (..., n)
+        x_dtype, residual_dtype, bias_dtype = ctx.meta
+        n = s.shape[-1]
+        ds = None if ds is None or ds.numel() == 0 else ds
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            dx, dw = _differentiable_backward(s, weight, dy, ctx.eps, ctx.rms)
+            dx = dx if ds is None else dx + ds
+            db = dy.reshape(-1, n).sum(0) if bias_dtype is not None else None  # (n,)
+        else:
+            dx, dw, db = _kernel_backward(ctx, s, weight, mean, rstd, dy, ds, bias_dtype is not None)
         dw = None if weight is None else dw.to(weight.dtype)
-        db = db.to(bias_dtype) if has_bias else None
+        db = None if bias_dtype is None else db.to(bias_dtype)
         dres = None if residual_dtype is None else dx.to(residual_dtype)
         return dx.to(x_dtype), dw, db, dres, None, None, None, None
 
@@ -156,8 +191,8 @@ def _check(fn, x, weight, bias, residual, eps):
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}; put them on one device")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{fn}: eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= eps < math.inf):
+        raise ValueError(f"{fn}: eps must be a finite non-negative number, got {eps!r}")
 
 
 def _norm(fn, x, weight, bias, eps, residual, return_residual, rms):
@@ -177,10 +212,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, *, return_res
 
     x:        (..., N) float32 / float16 / bfloat16 (float64 runs on the reference backend)
     weight:   (N,) or None, any float dtype; bias: (N,) or None
-    residual: (..., N) like x, or None; then s = x + residual is normalised (dtype: promotion of both)
-    eps:      added to the variance
+    residual: (..., N) like x, or None; then s = x + residual, rounded to its dtype (the promotion of
+              both), is normalised
+    eps:      a finite number ≥ 0, added to the variance
     return_residual: also return s (x itself when residual is None), for the next block's residual
-    Returns y (..., N) in x's dtype, or (y, s). Mean and 1/std are computed and saved in fp32.
+    Returns y (..., N) in x's dtype, or (y, s). Mean and 1/std are computed and saved in fp32. Any
+    layout works (strided or expanded tensors, parameters included). Differentiable twice: a backward
+    with create_graph=True runs the reference formula under autograd.
     """
     return _norm("layer_norm", x, weight, bias, eps, residual, return_residual, rms=False)
 
