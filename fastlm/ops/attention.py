@@ -187,11 +187,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLEMENTED = ("triton", "cuda", "cuda_emu", "reference")
 MAX_KERNEL_HEAD_DIM = 256
 # The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu): every feature, on fp16/bf16
-# (tensor cores) and the head dims below; other calls are refused by routing them away from `cuda` /
-# `cuda_emu`.
+# (tensor cores) and the head dims this build has kernels for (csrc/cuda/generate_kernels.py's list less
+# what FASTLM_ATTN_HDIMS left out; none without the extension); other calls are refused by routing them
+# away from `cuda` / `cuda_emu`.
 CUDA_BACKENDS = ("cuda", "cuda_emu")
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+CUDA_HEAD_DIMS = tuple(next((m.attention_head_dims() for m in (_ext.C, _ext.C_EMU) if m is not None), ()))
 
 
 def _kernels(backend):
