@@ -12,8 +12,8 @@ __global__ void __launch_bounds__(attn::kThreads) attention_bwd_preprocess_kerne
   const int64_t rows = p.B * p.Hq * p.Lq;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = r % p.Lq, bh = r / p.Lq, b = bh / p.Hq, h = bh % p.Hq;
-    const T* o = static_cast<const T*>(p.o) + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i * p.do_stride[2];
+    const T* o = attn::head_rows<const T>(p.o, p.o_stride, b, h) + i * p.o_stride[2];
+    const T* dout = attn::head_rows<const T>(p.dout, p.do_stride, b, h) + i * p.do_stride[2];
     float sum = 0.f;
     for (int d = 0; d < p.head_dim; ++d) sum += to_float(dout[d]) * to_float(o[d]);
     p.delta[r] = sum;
