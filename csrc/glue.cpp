@@ -42,8 +42,7 @@ void no_kernel_for(const char* op, const c10::Device& device, bool with_cpu) {
               ", not ", device);
 #else
   TORCH_CHECK(!with_cpu, op, ": the cpu backend takes CPU tensors, not ", device);
-  TORCH_CHECK(false, op, ": this build of fastlm has no kernels for ", device, " tensors (the cuda backend's are "
-              "built with CUDA)");
+  TORCH_CHECK(false, op, ": fastlm._C was built without CUDA and has no kernels for ", device, " tensors");
 #endif
 }
 
