@@ -9,14 +9,17 @@ Knobs (environment variables):
                          `make` sets 1). Needs the CUDA headers (CUDA_HOME), not a GPU or nvcc.
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
   FASTLM_CPU_AVX2=0      build the CPU kernels without AVX2/FMA (default on x86-64: with them)
-  FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default "32;64;96;128;256"
-                         (e.g. FASTLM_ATTN_HDIMS=64 for a quick developer build; the others are refused)
+  FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default: all of
+                         csrc/cuda/generate_kernels.py's HEAD_DIMS (e.g. FASTLM_ATTN_HDIMS=64 for a quick
+                         developer build; the others are refused)
   FASTLM_ATTN_EXTRAS=0   build the CUDA attention kernels without attn_bias / rel_pos / dropout (half the
                          kernels, for a quick developer build; such calls are refused)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
                          says why the extension is missing)
-Sources are globbed: csrc/*.cpp (glue), csrc/cpu/*.cpp (CPU kernels), csrc/cuda/*.cu (CUDA kernels).
+Sources are globbed: csrc/*.cpp (glue), csrc/cpu/*.cpp (CPU kernels), csrc/cuda/*.cu (CUDA kernels). The
+per-head-dim attention sources (csrc/cuda/attention_{fwd,bwd}_hdim<D>.cu, attention_hdims.h) are generated
+by csrc/cuda/generate_kernels.py and checked in; the build stops when they differ from its output.
 Packages are found, not listed: fastlm and its subpackages, plus kernels/ and bench/ installed as
 fastlm.kernels and fastlm.bench (so no top-level `kernels` or `bench` import name is claimed).
 The version is fastlm/version.py's. `import fastlm` needs only torch and numpy; the extras add the
@@ -26,6 +29,7 @@ optional parts, and a missing one is reported by name (fastlm/_optional.py).
 import os
 import platform
 import re
+import runpy
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -75,7 +79,18 @@ def _sources(folder, pattern):
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
 
 
-ATTN_HDIMS = (32, 64, 96, 128, 256)
+ATTN_GENERATOR = runpy.run_path(str(ROOT / "csrc" / "cuda" / "generate_kernels.py"))
+ATTN_HDIMS = ATTN_GENERATOR["HEAD_DIMS"]
+
+
+def _check_generated_sources():
+    """Stop when the generated attention sources differ from csrc/cuda/generate_kernels.py's output."""
+    changed = ATTN_GENERATOR["differences"]()
+    if changed:
+        raise SystemExit(
+            f"csrc/cuda/{', '.join(changed)} differ from csrc/cuda/generate_kernels.py's output: "
+            "run python csrc/cuda/generate_kernels.py"
+        )
 
 
 def _attn_dropped_hdims():
@@ -84,18 +99,21 @@ def _attn_dropped_hdims():
     if not value:
         return ()
     kept = {d.strip() for d in value.split(";") if d.strip()}
-    if not kept <= {str(d) for d in ATTN_HDIMS}:
-        raise SystemExit(f"FASTLM_ATTN_HDIMS entries must be among {ATTN_HDIMS}, got {value!r}")
+    if not kept or not kept <= {str(d) for d in ATTN_HDIMS}:
+        raise SystemExit(f"FASTLM_ATTN_HDIMS entries must be among {ATTN_HDIMS} (at least one), got {value!r}")
     return tuple(d for d in ATTN_HDIMS if str(d) not in kept)
 
 
 def _cuda_sources():
     """csrc/cuda/*.cu less the attention instantiations of the head dims FASTLM_ATTN_HDIMS drops."""
-    dropped = {f"attention_{part}_hdim{d}.cu" for d in _attn_dropped_hdims() for part in ("fwd", "bwd")}
+    instance = ATTN_GENERATOR["instance_name"]
+    dropped = {instance(part, d) for d in _attn_dropped_hdims() for part in ("fwd", "bwd")}
     return [s for s in _sources("csrc/cuda", "*.cu") if Path(s).name not in dropped]
 
 
 def _cuda_defines():
+    """The defines of the CUDA attention build switches (also given to a build without CUDA, so that its
+    fastlm._C.attention_head_dims() reports the same list)."""
     defines = [(f"FASTLM_ATTN_NO_HDIM{d}", None) for d in _attn_dropped_hdims()]
     if _flag("FASTLM_ATTN_EXTRAS") is False:
         defines.append(("FASTLM_ATTN_NO_EXTRAS", None))
@@ -161,6 +179,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     optional = not _flag("FASTLM_REQUIRE_EXTENSION")
+    _check_generated_sources()
     cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", "-Wno-unknown-pragmas", *_cpu_flags()]
     openmp = _openmp_flags()
     include_dirs = [str(ROOT / "csrc")]
@@ -194,6 +213,7 @@ def _extensions():
             "fastlm._C",
             sources,
             include_dirs=include_dirs,
+            define_macros=_cuda_defines(),
             extra_compile_args={"cxx": [*cxx_flags, *openmp]},
             extra_link_args=openmp,
             optional=optional,

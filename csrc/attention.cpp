@@ -20,25 +20,45 @@ at::Tensor rows_of_16_bytes(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// The head dims this build has kernels for, in increasing order (csrc/cuda/attention_hdims.h).
+std::vector<int64_t> attention_head_dims() {
+  std::vector<int64_t> dims;
+#define FASTLM_ATTN_APPEND_HEAD_DIM(D) dims.push_back(D);
+  FASTLM_ATTN_FOR_EACH_HEAD_DIM(FASTLM_ATTN_APPEND_HEAD_DIM)
+#undef FASTLM_ATTN_APPEND_HEAD_DIM
+  return dims;
+}
+
+// "32, 64, 96, 128, 256": attention_head_dims() as fastlm.attention's messages write it.
+std::string head_dims_text() {
+  std::string text;
+  for (const int64_t d : attention_head_dims()) text += (text.empty() ? "" : ", ") + std::to_string(d);
+  return text;
+}
+
+// q, k, v as the kernels take them; the messages are fastlm.attention's (fastlm/ops/attention.py), or for
+// what only the CUDA kernels lack, the reason that routes such calls away from them there.
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, L, D), got q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D (B, H, L, D), got shape ", t->sizes());
+  }
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ", dtype_name(t->scalar_type()),
+                " differs from q dtype ", dtype_name(q.scalar_type()));
+    check_same_device(op, *t, name, q, "q");
+  }
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape (B, Hkv, Lk, D), got k ", k.sizes(),
               " and v ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k and v must have shape (B=", q.size(0),
-              ", Hkv, Lk, D=", q.size(3), "), got ", k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), op, ": k batch size ", k.size(0), " differs from q batch size ", q.size(0),
+              " (q ", q.sizes(), ", k ", k.sizes(), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": head dims differ: q has D=", q.size(3), " (shape ", q.sizes(),
+              "), k and v have D=", k.size(3), " (shape ", k.sizes(), ")");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads Hq=", q.size(1),
-              " must be a multiple of k/v heads Hkv=", k.size(1));
-  FASTLM_CHECK_SAME_DEVICE(op, k, "k", q);
-  FASTLM_CHECK_SAME_DEVICE(op, v, "v", q);
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": the CUDA attention kernels take float16 or bfloat16 (tensor cores), got ", q.scalar_type());
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128 || D == 256, op,
-              ": the CUDA attention kernels take head dim 32, 64, 96, 128 or 256, got ", D, " (q ", q.sizes(), ")");
-  TORCH_CHECK(attention_head_dim_built(D), op, ": head dim ", D, " was left out of this build (FASTLM_ATTN_HDIMS)");
+              " must be a multiple of k/v heads Hkv=", k.size(1), " (q ", q.sizes(), ", k ", k.sizes(), ")");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": no attention with ",
+              dtype_name(q.scalar_type()), " (CUDA kernels: fp16/bf16)");
+  TORCH_CHECK(attention_head_dim_built(q.size(3)), op, ": no attention with head dim ", q.size(3),
+              " (CUDA kernels: ", head_dims_text(), ")");
   TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": B * Hq must be at most 65535, got ", q.size(0) * q.size(1));
 }
 
@@ -49,7 +69,7 @@ void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at:
   TORCH_CHECK(attention_extras_built() || (!bias.has_value() && !table.has_value() && dropout_p == 0.0), op,
               ": attn_bias, rel_pos and dropout were left out of this build (FASTLM_ATTN_EXTRAS=0)");
   if (bias.has_value()) {
-    FASTLM_CHECK_SAME_DEVICE(op, *bias, "attn_bias", q);
+    check_same_device(op, *bias, "attn_bias", q, "q");
     TORCH_CHECK(bias->sizes() == at::IntArrayRef({p.B, p.Hq, p.Lq, p.Lk}), op,
                 ": attn_bias must be (B, Hq, Lq, Lk) = (", p.B, ", ", p.Hq, ", ", p.Lq, ", ", p.Lk,
                 ") (an expanded view), got ", bias->sizes());
@@ -60,8 +80,8 @@ void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at:
   TORCH_CHECK(table.has_value() == bucket.has_value(), op, ": rel_pos needs both table and bucket, got ",
               table.has_value() ? "no bucket" : "no table");
   if (table.has_value()) {
-    FASTLM_CHECK_SAME_DEVICE(op, *table, "rel_pos table", q);
-    FASTLM_CHECK_SAME_DEVICE(op, *bucket, "bucket", q);
+    check_same_device(op, *table, "rel_pos table", q, "q");
+    check_same_device(op, *bucket, "bucket", q, "q");
     TORCH_CHECK(table->dim() == 2 && table->size(0) > 0 && table->size(1) == p.Hq, op,
                 ": rel_pos table must be (num_buckets, Hq=", p.Hq, "), got ", table->sizes());
     p.table_dtype = dtype_of(*table, op, "rel_pos table");
@@ -96,10 +116,11 @@ void set_extras(AttentionParams& p, const at::Tensor& q, const c10::optional<at:
 
 void set_mask(AttentionParams& p, const c10::optional<at::Tensor>& mask, const at::Tensor& q, const char* op) {
   if (!mask.has_value()) return;
-  FASTLM_CHECK_SAME_DEVICE(op, *mask, "key_padding_mask", q);
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == p.B && mask->size(1) == p.Lk,
-              op, ": key_padding_mask must be a bool (B, Lk) = (", p.B, ", ", p.Lk, ") tensor, got ",
-              mask->scalar_type(), " ", mask->sizes());
+  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": key_padding_mask must be a bool tensor (B, Lk) = (", p.B, ", ",
+              p.Lk, "), got dtype ", dtype_name(mask->scalar_type()));
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == p.B && mask->size(1) == p.Lk, op,
+              ": key_padding_mask must have shape (B, Lk) = (", p.B, ", ", p.Lk, "), got ", mask->sizes());
+  check_same_device(op, *mask, "key_padding_mask", q, "q");
   p.mask = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
   p.mask_stride[0] = mask->stride(0);
   p.mask_stride[1] = mask->stride(1);
@@ -107,26 +128,6 @@ void set_mask(AttentionParams& p, const c10::optional<at::Tensor>& mask, const a
 
 void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
-}
-
-void run_fwd(const AttentionParams& p, const at::Tensor& q, const KernelDevice& device) {
-#if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(q)) {
-    device.launch(launch_attention_fwd, p, "attention forward kernel launch");
-    return;
-  }
-#endif
-  TORCH_CHECK(false, kFwd, ": this build of fastlm has no attention kernels for ", q.device());
-}
-
-void run_bwd(const AttentionParams& p, const at::Tensor& q, const KernelDevice& device) {
-#if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(q)) {
-    device.launch(launch_attention_bwd, p, "attention backward kernel launch");
-    return;
-  }
-#endif
-  TORCH_CHECK(false, kBwd, ": this build of fastlm has no attention kernels for ", q.device());
 }
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -168,7 +169,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
   set_strides(p.o_stride, o);
-  run_fwd(p, q, device);
+  device.run(kFwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_fwd), nullptr);
   return {o, lse};
 }
 
@@ -186,12 +187,12 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
     TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type(), kBwd, ": ", name,
                 " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), ", got ", t->sizes(), " ",
                 t->scalar_type());
-    FASTLM_CHECK_SAME_DEVICE(kBwd, *t, name, q_in);
+    check_same_device(kBwd, *t, name, q_in, "q");
   }
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == q_in.sizes().slice(0, 3), kBwd,
               ": lse must be float32 (B, Hq, Lq) = ", q_in.sizes().slice(0, 3), ", got ", lse_in.scalar_type(), " ",
               lse_in.sizes());
-  FASTLM_CHECK_SAME_DEVICE(kBwd, lse_in, "lse", q_in);
+  check_same_device(kBwd, lse_in, "lse", q_in, "q");
   const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
   const at::Tensor dout = rows_of_16_bytes(do_in), o = rows_of_16_bytes(o_in), lse = lse_in.contiguous();
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kBwd);
@@ -226,15 +227,18 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   set_strides(p.dv_stride, dv);
   if (need_dbias) p.dbias = dbias.data_ptr<float>();
   if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
-  run_bwd(p, q, device);
+  device.run(kBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), nullptr);
   return {dq, dk, dv, dbias, dtable()};
 }
 
 }  // namespace
 
 void bind_attention(pybind11::module_& m) {
+  m.def("attention_head_dims", &attention_head_dims,
+        "The head dims this build has CUDA attention kernels for, in increasing order (csrc/cuda/generate_kernels.py's "
+        "HEAD_DIMS less those setup.py's FASTLM_ATTN_HDIMS left out)");
   m.def("attention_fwd", &attention_fwd,
-        "Fused attention forward (fp16/bf16, head dim 32/64/96/128/256; bias (B, Hq, Lq, Lk) any strides, rel_pos table "
+        "Fused attention forward (fp16/bf16, a head dim of attention_head_dims(); bias (B, Hq, Lq, Lk) any strides, rel_pos table "
         "(num_buckets, Hq) with bucket (Lq + Lk - 1,) int32, dropout from seed (1,) int64 CPU, all optional): "
         "returns [o (B, Hq, Lq, D), lse (B, Hq, Lq) fp32]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),

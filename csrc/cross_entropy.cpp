@@ -10,40 +10,25 @@ namespace {
 
 constexpr const char* kFwd = "cross_entropy_fwd";
 
-void run_fwd(const CrossEntropyParams& p, const at::Tensor& logits, const KernelDevice& device) {
-#if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(logits)) {
-    device.launch(launch_cross_entropy_fwd, p, "cross-entropy kernel launch");
-    return;
-  }
-#endif
-#if defined(FASTLM_EMU)
-  TORCH_CHECK(false, kFwd, ": the emulated CUDA kernels take CPU tensors, got ", logits.device());
-#else
-  TORCH_CHECK(logits.is_cpu(), kFwd, ": this build of fastlm._C has no kernels for ", logits.device());
-  cpu::cross_entropy_fwd(p);
-#endif
-}
-
 std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& labels,
                                           const at::Tensor& scale, int64_t ignore_index, double label_smoothing,
                                           double z_loss, bool compute_grad) {
   const KernelDevice device(logits);
   FASTLM_CHECK_2D_ROWS(kFwd, logits, "logits");
   const int64_t rows = logits.size(0);
-  TORCH_CHECK(logits.size(1) > 0, kFwd, ": logits need at least one class, got sizes ", logits.sizes());
+  TORCH_CHECK(logits.size(1) > 0, kFwd, ": logits need at least one class, got shape ", logits.sizes());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows, kFwd, ": labels must have shape (", rows,
-              ",), got ", labels.sizes());
+              ",) (one label per row), got ", labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous(), kFwd,
-              ": labels must be a contiguous int64 tensor, got ", labels.scalar_type());
+              ": labels must be a contiguous int64 tensor of class indices, got dtype ",
+              dtype_name(labels.scalar_type()));
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows, kFwd, ": scale must have shape (", rows, ",), got ",
               scale.sizes());
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), kFwd,
-              ": scale must be a contiguous float32 tensor, got ", scale.scalar_type());
-  TORCH_CHECK(labels.device() == logits.device(), kFwd, ": labels are on ", labels.device(), " but logits are on ",
-              logits.device());
-  TORCH_CHECK(scale.device() == logits.device(), kFwd, ": scale is on ", scale.device(), " but logits are on ",
-              logits.device());
+              ": scale must be a contiguous float32 tensor, got dtype ", dtype_name(scale.scalar_type()));
+  TORCH_CHECK(labels.device() == logits.device(), kFwd, ": labels are on ", labels.device(),
+              " but the inputs are on ", logits.device());
+  check_same_device(kFwd, scale, "scale", logits, "logits");
   CrossEntropyParams p;
   p.rows = rows;
   p.cols = logits.size(1);
@@ -64,7 +49,10 @@ std::vector<at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Te
   p.lse = lse.data_ptr<float>();
   p.dlogits = compute_grad ? dlogits.data_ptr() : nullptr;
   p.dlogits_stride = compute_grad ? dlogits.stride(0) : 0;
-  if (rows > 0) run_fwd(p, logits, device);
+  if (rows > 0) {
+    device.run(kFwd, logits, p, FASTLM_CUDA_KERNEL(launch_cross_entropy_fwd),
+               FASTLM_CPU_KERNEL(cpu::cross_entropy_fwd));
+  }
   return {loss, lse, dlogits};
 }
 

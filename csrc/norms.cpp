@@ -10,48 +10,19 @@ namespace {
 
 constexpr const char* kFwd = "norm_fwd";
 constexpr const char* kBwd = "norm_bwd";
+constexpr const char* kOneDevice = "; put them on one device";  // the end of fastlm.layer_norm's device error
 
 // Weight / bias in x's dtype or fp32 (anything else is converted to fp32, a (cols,) copy).
 at::Tensor weight_like(const at::Tensor& w, const at::Tensor& x, const char* op, const char* name) {
-  FASTLM_CHECK_SAME_DEVICE(op, w, name, x);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
-              ",), got ", w.sizes());
+              ",) to match x ", x.sizes(), ", got ", w.sizes());
+  check_same_device(op, w, name, x, "x", kOneDevice);
   dtype_of(w, op, name);
   at::Tensor out = (w.scalar_type() == x.scalar_type()) ? w : w.to(at::kFloat);
   return out.contiguous();
 }
 
-void run_fwd(const NormParams& p, const at::Tensor& x, const KernelDevice& device) {
-#if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(x)) {
-    device.launch(launch_norm_fwd, p, "norm forward kernel launch");
-    return;
-  }
-#endif
-#if defined(FASTLM_EMU)
-  TORCH_CHECK(false, kFwd, ": the emulated CUDA kernels take CPU tensors, got ", x.device());
-#else
-  TORCH_CHECK(x.is_cpu(), kFwd, ": this build of fastlm._C has no kernels for ", x.device());
-  cpu::norm_fwd(p);
-#endif
-}
-
-void run_bwd(const NormParams& p, const at::Tensor& s, const KernelDevice& device) {
-#if defined(FASTLM_HAS_CUDA_KERNELS)
-  if (on_kernel_device(s)) {
-    device.launch(launch_norm_bwd, p, "norm backward kernel launch");
-    return;
-  }
-#endif
-#if defined(FASTLM_EMU)
-  TORCH_CHECK(false, kBwd, ": the emulated CUDA kernels take CPU tensors, got ", s.device());
-#else
-  TORCH_CHECK(s.is_cpu(), kBwd, ": this build of fastlm._C has no kernels for ", s.device());
-  cpu::norm_bwd(p);
-#endif
-}
-
-int64_t bwd_partials(const at::Tensor& s, const KernelDevice& device) {
+int64_t bwd_partials([[maybe_unused]] const at::Tensor& s, [[maybe_unused]] const KernelDevice& device) {
 #if defined(FASTLM_HAS_CUDA_KERNELS)
   if (on_kernel_device(s)) return norm_bwd_partials(s.size(0), s.size(1), device.index());
 #endif
@@ -95,9 +66,9 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
   at::ScalarType s_type = x.scalar_type();
   at::Tensor r;
   if (residual.has_value()) {
-    FASTLM_CHECK_SAME_DEVICE(kFwd, *residual, "residual", x);
-    TORCH_CHECK(residual->sizes() == x.sizes(), kFwd, ": residual must have x's shape ", x.sizes(),
-                ", got ", residual->sizes());
+    TORCH_CHECK(residual->sizes() == x.sizes(), kFwd, ": residual must have shape ", x.sizes(), " to match x ",
+                x.sizes(), ", got ", residual->sizes());
+    check_same_device(kFwd, *residual, "residual", x, "x", kOneDevice);
     dtype_of(*residual, kFwd, "residual");
     s_type = at::promote_types(x.scalar_type(), residual->scalar_type());
     r = residual->to(s_type);
@@ -120,7 +91,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
   p.s_stride = store_residual ? s.stride(0) : 0;
   p.mean = rms ? nullptr : mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
-  if (p.rows > 0) run_fwd(p, x, device);
+  if (p.rows > 0) device.run(kFwd, x, p, FASTLM_CUDA_KERNEL(launch_norm_fwd), FASTLM_CPU_KERNEL(cpu::norm_fwd));
   return {y, s, mean, rstd};
 }
 
@@ -132,7 +103,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
   FASTLM_CHECK_2D_ROWS(kBwd, s, "s");
   FASTLM_CHECK_2D_ROWS(kBwd, dy, "dy");
   TORCH_CHECK(dy.sizes() == s.sizes(), kBwd, ": dy must have shape ", s.sizes(), ", got ", dy.sizes());
-  FASTLM_CHECK_SAME_DEVICE(kBwd, dy, "dy", s);
+  check_same_device(kBwd, dy, "dy", s, "s", kOneDevice);
   TORCH_CHECK(rstd.numel() == s.size(0) && rstd.scalar_type() == at::kFloat && rstd.is_contiguous(),
               kBwd, ": rstd must be a contiguous float32 (", s.size(0), ",) tensor");
   TORCH_CHECK(rms || (mean.numel() == s.size(0) && mean.scalar_type() == at::kFloat && mean.is_contiguous()),
@@ -144,7 +115,8 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
   p.dtype = dtype_of(dy, kBwd, "dy");
   p.s_dtype = dtype_of(s, kBwd, "s");
   TORCH_CHECK(s.scalar_type() == dy.scalar_type() || s.scalar_type() == at::kFloat, kBwd,
-              ": s must have dy's dtype or float32, got ", s.scalar_type(), " and ", dy.scalar_type());
+              ": s must have dy's dtype or float32, got ", dtype_name(s.scalar_type()), " and ",
+              dtype_name(dy.scalar_type()));
   p.s = s.data_ptr();
   p.s_stride = s.stride(0);
   p.dy = dy.data_ptr();
@@ -154,7 +126,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
 
   at::Tensor d;
   if (ds.has_value()) {
-    FASTLM_CHECK_SAME_DEVICE(kBwd, *ds, "ds", s);
+    check_same_device(kBwd, *ds, "ds", s, "s", kOneDevice);
     TORCH_CHECK(ds->sizes() == s.sizes(), kBwd, ": ds must have shape ", s.sizes(), ", got ", ds->sizes());
     d = ds->to(s.scalar_type());
     if (d.stride(1) != 1) d = d.contiguous();
@@ -177,7 +149,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const c10::optional<at::T
   at::Tensor db_partial = at::zeros({has_bias ? p.partials : 0, p.cols}, f32);
   p.dweight_partial = w.defined() ? dw_partial.data_ptr<float>() : nullptr;
   p.dbias_partial = has_bias ? db_partial.data_ptr<float>() : nullptr;
-  if (p.rows > 0) run_bwd(p, s, device);
+  if (p.rows > 0) device.run(kBwd, s, p, FASTLM_CUDA_KERNEL(launch_norm_bwd), FASTLM_CPU_KERNEL(cpu::norm_bwd));
   at::Tensor dw = w.defined() ? dw_partial.sum(0) : at::empty({0}, f32);
   at::Tensor db = has_bias ? db_partial.sum(0) : at::empty({0}, f32);
   return {dx, dw, db};

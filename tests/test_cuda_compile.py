@@ -1,16 +1,22 @@
 """Compile every CUDA source with nvcc for sm_80 and sm_90 and fail on register spills or stack frames.
 
-The ptxas resource report (registers, shared memory, spills per kernel) is printed to the test log.
+The ptxas resource report (registers, shared memory, spills per kernel) is printed to the test log. The
+per-head-dim attention sources are generated from one list (csrc/cuda/generate_kernels.py): the checked-in
+files must match it, the build switch must drop dims from it, and the build reports it.
 """
 
 import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+import fastlm
+
 ROOT = Path(__file__).resolve().parents[1]
+GENERATOR = runpy.run_path(str(ROOT / "csrc" / "cuda" / "generate_kernels.py"))
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("80", "90")
 
@@ -71,3 +77,62 @@ def test_attention_extras_build_switch(tmp_path):
         for defines in ((), ("FASTLM_ATTN_NO_EXTRAS",))
     ]
     assert kernels[0] > 0 and kernels[1] * 2 == kernels[0], kernels
+
+
+def test_generated_attention_sources_are_checked_in():
+    """csrc/cuda holds exactly what generate_kernels.py writes (rerun it after editing HEAD_DIMS)."""
+    assert GENERATOR["differences"]() == [], "run python csrc/cuda/generate_kernels.py"
+
+
+def test_generator_adds_and_removes_head_dims(tmp_path):
+    """A new head dim is one list entry: its two instantiation files and its header entry appear, and the
+    files of a dim taken out of the list are deleted."""
+    GENERATOR["write"](tmp_path, (32, 64))
+    assert GENERATOR["write"](tmp_path, (32, 80)) == [
+        "attention_bwd_hdim64.cu",
+        "attention_bwd_hdim80.cu",
+        "attention_fwd_hdim64.cu",
+        "attention_fwd_hdim80.cu",
+        "attention_hdims.h",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attention_bwd_hdim32.cu",
+        "attention_bwd_hdim80.cu",
+        "attention_fwd_hdim32.cu",
+        "attention_fwd_hdim80.cu",
+        "attention_hdims.h",
+    ]
+    assert "launch_attention_fwd_hdim<80>" in (tmp_path / "attention_fwd_hdim80.cu").read_text()
+    assert "X(80)" in (tmp_path / "attention_hdims.h").read_text()
+    assert GENERATOR["differences"](tmp_path, (32, 80)) == []
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("dropped", [(), (64,), (32, 256)], ids=str)
+def test_head_dim_build_switch(dropped, tmp_path):
+    """FASTLM_ATTN_NO_HDIM<D> (what setup.py's FASTLM_ATTN_HDIMS defines for the dims it leaves out) takes D
+    out of attention_head_dim_built and nothing else."""
+    built = [d for d in GENERATOR["HEAD_DIMS"] if d not in dropped]
+    checks = "\n".join(
+        f"static_assert(fastlm::attention_head_dim_built({d}) == {str(d in built).lower()});"
+        for d in (*GENERATOR["HEAD_DIMS"], 16, 80)
+    )
+    source = tmp_path / "check.cpp"
+    source.write_text(f'#include "cuda/attention.h"\n{checks}\n')
+    defines = [f"-DFASTLM_ATTN_NO_HDIM{d}" for d in dropped]
+    result = subprocess.run(
+        ["g++", "-std=c++20", "-fsyntax-only", "-I", str(ROOT / "csrc"), *defines, str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(fastlm._ext.C is None, reason="fastlm._C not built")
+def test_build_reports_its_head_dims():
+    """fastlm._C.attention_head_dims() is the generator's list (the tested build keeps every head dim), and
+    fastlm.attention routes by it."""
+    from fastlm.ops.attention import CUDA_HEAD_DIMS
+
+    assert list(fastlm._ext.C.attention_head_dims()) == list(GENERATOR["HEAD_DIMS"])
+    assert tuple(GENERATOR["HEAD_DIMS"]) == CUDA_HEAD_DIMS

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "attention_hdims.h"
 #include "dtype.h"
 #if defined(__CUDACC__) || defined(FASTLM_WITH_CUDA) || defined(FASTLM_EMU)
 #include "runtime.h"
@@ -67,25 +68,14 @@ struct AttentionParams {
   bool has_extras() const { return bias != nullptr || table != nullptr || dropout_p > 0.f; }
 };
 
-// Whether this build has kernels for head dim D (setup.py's FASTLM_ATTN_HDIMS drops some for a quick
-// developer build, defining FASTLM_ATTN_NO_HDIM<D>).
+// Whether this build has kernels for head dim D: one of generate_kernels.py's HEAD_DIMS that setup.py's
+// FASTLM_ATTN_HDIMS kept (attention_hdims.h).
 constexpr bool attention_head_dim_built(int64_t D) {
-#if defined(FASTLM_ATTN_NO_HDIM32)
-  if (D == 32) return false;
-#endif
-#if defined(FASTLM_ATTN_NO_HDIM64)
-  if (D == 64) return false;
-#endif
-#if defined(FASTLM_ATTN_NO_HDIM96)
-  if (D == 96) return false;
-#endif
-#if defined(FASTLM_ATTN_NO_HDIM128)
-  if (D == 128) return false;
-#endif
-#if defined(FASTLM_ATTN_NO_HDIM256)
-  if (D == 256) return false;
-#endif
-  return D == 32 || D == 64 || D == 96 || D == 128 || D == 256;
+#define FASTLM_ATTN_IS_HEAD_DIM(DIM) \
+  if (D == DIM) return true;
+  FASTLM_ATTN_FOR_EACH_HEAD_DIM(FASTLM_ATTN_IS_HEAD_DIM)
+#undef FASTLM_ATTN_IS_HEAD_DIM
+  return false;
 }
 
 // Whether this build has the EXTRAS kernels (attn_bias, rel_pos, dropout): setup.py's FASTLM_ATTN_EXTRAS=0

@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int w16 = 16 * (warp / kSplit), c0 = kCols * (warp % kSplit);  // its keys from n0 + w16, columns from c0
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
 
   // Causal: query i sees key j iff i >= j - (Lk - Lq); the first query that sees key n0 starts the scan.
   const int64_t m_first = CAUSAL ? max(int64_t(0), n0 - (p.Lk - p.Lq)) / kSteps : 0;
@@ -62,11 +62,10 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
   auto load_step = [&](int step, int buf) {
     const int64_t h = hkv * group + step / (m_blocks - m_first), bh = b * p.Hq + h;
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
-    load_tile<kSteps, D>(s_q + buf * kSteps * kPitchD,
-                         static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], m0, p.Lq);
-    load_tile<kSteps, D>(s_do + buf * kSteps * kPitchD,
-                         static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], m0,
+    load_tile<kSteps, D>(s_q + buf * kSteps * kPitchD, head_rows<const T>(p.q, p.q_stride, b, h), p.q_stride[2], m0,
                          p.Lq);
+    load_tile<kSteps, D>(s_do + buf * kSteps * kPitchD, head_rows<const T>(p.dout, p.do_stride, b, h), p.do_stride[2],
+                         m0, p.Lq);
     for (int i = threadIdx.x; i < kSteps; i += kThreads) {
       const bool valid = m0 + i < p.Lq;  // rows past Lq: P = 0
       s_lse[buf * kSteps + i] = valid ? p.lse_log2[bh * p.Lq + m0 + i] : INFINITY;
@@ -76,36 +75,27 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
 
   load_tile<kKeys, D>(s_k, k, p.k_stride[2], n0, p.Lk);
   load_tile<kKeys, D>(s_v, v, p.v_stride[2], n0, p.Lk);
-  if (steps > 0) load_step(0, 0);
-  cp_async_commit();
+  stream_start(steps, load_step);
 
   float dk[kCols / 8][4] = {}, dv[kCols / 8][4] = {};  // this warp's 16 keys x kCols columns
   const int64_t key[2] = {n0 + w16 + g, n0 + w16 + g + 8};
   const bool kept[2] = {key_kept(p, b, key[0]), key_kept(p, b, key[1])};
-  const float scale_log2 = p.scale * kLog2e;
 
   for (int step = 0; step < steps; ++step) {
-    const int buf = step % 2;
-    if (step + 1 < steps) {
-      load_step(step + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = stream_wait(step, steps, load_step);
     const T* sq = s_q + buf * kSteps * kPitchD;
     const T* sdo = s_do + buf * kSteps * kPitchD;
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
     const int64_t h = hkv * group + step / (m_blocks - m_first);
+    const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
     // dropout's Z^T (rows: keys, columns: queries), drawn where P^T can be nonzero, before S^T takes registers
     [[maybe_unused]] uint32_t keep = ~0u;
     if constexpr (EXTRAS) {
       uint32_t live = 0;
 #pragma unroll
       for (int bit = 0; bit < kSteps / 2; ++bit) {
-        const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2, j = key[bit % 4 / 2];
-        live |= uint32_t(kept[bit % 4 / 2] && i < p.Lq && (!CAUSAL || j <= i + p.Lk - p.Lq)) << bit;
+        const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2;
+        live |= uint32_t(i < p.Lq && rule.visible(kept[bit % 4 / 2], i, key[bit % 4 / 2])) << bit;
       }
       const int64_t base = ((b * p.Hq + h) * p.Lq + m0) * p.Lk + key[0] - g;  // offset of (query m0, first key)
       keep = dropout_keep<kSteps / 8>(p, live, base, 1, p.Lk);
@@ -118,14 +108,7 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = nt * 8 + 2 * t + e % 2;
-        bool visible = kept[e / 2];
-        if (CAUSAL) visible = visible && key[e / 2] <= m0 + i + p.Lk - p.Lq;
-        if constexpr (EXTRAS) {
-          const float extra = visible && m0 + i < p.Lq ? score_extras_log2(p, b, h, m0 + i, key[e / 2]) : 0.f;
-          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 + extra - s_lse[buf * kSteps + i]) : 0.f;
-        } else {
-          pt[nt][e] = visible ? exp2f(pt[nt][e] * scale_log2 - s_lse[buf * kSteps + i]) : 0.f;
-        }
+        pt[nt][e] = rule.prob(pt[nt][e], kept[e / 2], m0 + i, key[e / 2], s_lse[buf * kSteps + i]);
       }
     }
     if constexpr (!EXTRAS) mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += P^T dO
@@ -145,12 +128,10 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
     mma_acc_rows<T, D, kSteps, kCols>(dk, dst, sq + c0);  // dK += dS^T Q
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
-  if (steps == 0) cp_async_wait<0>();
+  stream_finish(steps);
 
-  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
-  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
-  store_rows<T, kCols>(dk_out + c0, p.dk_stride[2], n0 + w16, p.Lk, dk, p.scale, p.scale);
-  store_rows<T, kCols>(dv_out + c0, p.dv_stride[2], n0 + w16, p.Lk, dv, 1.f, 1.f);
+  store_rows<T, kCols>(head_rows<T>(p.dk, p.dk_stride, b, hkv) + c0, p.dk_stride[2], n0 + w16, p.Lk, dk, p.scale, p.scale);
+  store_rows<T, kCols>(head_rows<T>(p.dv, p.dv_stride, b, hkv) + c0, p.dv_stride[2], n0 + w16, p.Lk, dv, 1.f, 1.f);
 }
 
 // The table gradient's smem (EXTRAS dQ kernel with p.dtable): per warp, its 16 x N dS tile skewed so that
@@ -225,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   if (EXTRAS && p.dtable != nullptr) {
     for (int i = lane; i < kAttentionSlab * DiagSkew<kKeyStep>::kStride; i += 32) s_skew[i] = 0.f;
   }
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
 
   const int n_blocks = visible_key_tiles<kKeyStep, kQueries, CAUSAL>(p, m0);
   auto load_kv = [&](int n, int buf) {
@@ -234,12 +215,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
                               s_kbias + buf * kKeyStep, k, v, p, b, int64_t(n) * kKeyStep);
   };
 
-  load_tile<kQueries, D>(s_q, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], m0,
-                         p.Lq);
-  load_tile<kQueries, D>(s_do, static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1],
-                         p.do_stride[2], m0, p.Lq);
-  if (n_blocks > 0) load_kv(0, 0);
-  cp_async_commit();
+  load_tile<kQueries, D>(s_q, head_rows<const T>(p.q, p.q_stride, b, h), p.q_stride[2], m0, p.Lq);
+  load_tile<kQueries, D>(s_do, head_rows<const T>(p.dout, p.do_stride, b, h), p.do_stride[2], m0, p.Lq);
+  stream_start(n_blocks, load_kv);
 
   const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   // Per row: lse_log2 and delta; rows past Lq get P = 0.
@@ -248,18 +226,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
   const float delta[2] = {row[0] < p.Lq ? p.delta[bh * p.Lq + row[0]] : 0.f,
                           row[1] < p.Lq ? p.delta[bh * p.Lq + row[1]] : 0.f};
   float dq[D / 8][4] = {};
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
 
   for (int n = 0; n < n_blocks; ++n) {
-    const int buf = n % 2;
-    if (n + 1 < n_blocks) {
-      load_kv(n + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = stream_wait(n, n_blocks, load_kv);
     const T* sk = s_k + buf * kKeyStep * kPitchD;
     const int64_t j0 = int64_t(n) * kKeyStep;
 
@@ -270,10 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = nt * 8 + 2 * t + e % 2;
-        float x = ps[nt][e] * scale_log2 + s_kbias[buf * kKeyStep + j];
-        if (CAUSAL && j0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
-        if constexpr (EXTRAS) x = add_score_extras(p, x, b, h, row[e / 2], j0 + j);
-        ps[nt][e] = exp2f(x - lse[e / 2]);
+        ps[nt][e] = exp2f(rule.score(ps[nt][e], s_kbias[buf * kKeyStep + j], row[e / 2], j0 + j) - lse[e / 2]);
       }
     }
     float ds[kKeyStep / 8][4] = {};  // dP = dO V^T, then dS
@@ -302,12 +269,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
       if (p.dtable != nullptr && row0 < p.Lq) add_dtable_tile<kKeyStep>(p, ds, s_skew, bh, row0, j0);
     }
     mma_acc_rows<T, D, kKeyStep>(dq, ds, sk);  // dQ += dS K
-    __syncthreads();
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
-  if (n_blocks == 0) cp_async_wait<0>();
+  stream_finish(n_blocks);
 
-  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
-  store_rows<T, D>(dq_out, p.dq_stride[2], m0 + warp * 16, p.Lq, dq, p.scale, p.scale);
+  store_rows<T, D>(head_rows<T>(p.dq, p.dq_stride, b, h), p.dq_stride[2], m0 + warp * 16, p.Lq, dq, p.scale, p.scale);
 }
 
 // Instantiates the dK/dV and dQ kernels for head dim D over the dtypes, the causal flag and EXTRAS

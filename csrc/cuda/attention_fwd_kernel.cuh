@@ -32,9 +32,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* q = head_rows<const T>(p.q, p.q_stride, b, h);
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
 
   const int n_blocks = visible_key_tiles<kBlockN, kBlockM, CAUSAL>(p, m0);
   auto load_kv = [&](int n, int buf) {
@@ -43,30 +43,21 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   };
 
   load_tile<kBlockM, D>(s_q, q, p.q_stride[2], m0, p.Lq);
-  if (n_blocks > 0) load_kv(0, 0);
-  cp_async_commit();
+  stream_start(n_blocks, load_kv);
 
   float acc[D / 8][4] = {};                       // O accumulators: 8-column tiles of this warp's 16 rows
   float row_max[2] = {-INFINITY, -INFINITY};      // rows g, g+8 (log2 domain, scaled)
   float row_sum[2] = {0.f, 0.f};                  // this lane's partial sums of those rows
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
   const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
 
   for (int n = 0; n < n_blocks; ++n) {
-    const int buf = n % 2;
-    if (n + 1 < n_blocks) {
-      load_kv(n + 1, buf ^ 1);  // the other buffer was last read before the previous iteration's barrier
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = stream_wait(n, n_blocks, load_kv);
 
     float s[kBlockN / 8][4] = {};  // S = Q K^T for this warp's 16 rows and kBlockN keys
     mma_rows_rows<T, D>(s, s_q + warp * 16 * kPitchD, s_k + buf * kBlockN * kPitchD);
 
-    // Mask, scale to the log2 domain, and take the new row maxima (over the 4 lanes of a row).
+    // Scores (log2 domain, masked: ScoreRule), and the new row maxima (over the 4 lanes of a row).
     const int64_t n0 = int64_t(n) * kBlockN;
     float new_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
@@ -74,9 +65,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = nt * 8 + 2 * t + e % 2;
-        float x = s[nt][e] * scale_log2 + s_kbias[buf * kBlockN + j];
-        if (CAUSAL && n0 + j > row[e / 2] + p.Lk - p.Lq) x = -INFINITY;
-        if constexpr (EXTRAS) x = add_score_extras(p, x, b, h, row[e / 2], n0 + j);
+        float x = rule.score(s[nt][e], s_kbias[buf * kBlockN + j], row[e / 2], n0 + j);
         s[nt][e] = x;
         new_max[e / 2] = fmaxf(new_max[e / 2], x);
       }
@@ -109,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     mma_acc_rows<T, D, kBlockN>(acc, s, s_v + buf * kBlockN * kPitchD);  // O += P V
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
-  if (n_blocks == 0) cp_async_wait<0>();
+  stream_finish(n_blocks);
 
   // Epilogue: O / l (zeros for rows with no key, NaN stays NaN), lse = ln(sum exp(scaled scores)).
   float inv[2];
@@ -123,8 +112,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       p.lse[bh * p.Lq + row[r]] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
     }
   }
-  T* o = static_cast<T*>(p.o) + b * p.o_stride[0] + h * p.o_stride[1];
-  store_rows<T, D>(o, p.o_stride[2], m0 + warp * 16, p.Lq, acc, inv[0], inv[1]);
+  store_rows<T, D>(head_rows<T>(p.o, p.o_stride, b, h), p.o_stride[2], m0 + warp * 16, p.Lq, acc, inv[0], inv[1]);
 }
 
 // Instantiates the forward for head dim D over the dtypes, the causal flag and EXTRAS.

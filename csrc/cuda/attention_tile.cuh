@@ -122,6 +122,17 @@ __device__ __forceinline__ bool key_kept(const AttentionParams& p, int64_t b, in
   return col < p.Lk && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
 }
 
+// key_kept as an additive score mask: 0 where the key is kept, -inf where it is not.
+__device__ __forceinline__ float key_bias(const AttentionParams& p, int64_t b, int64_t col) {
+  return key_kept(p, b, col) ? 0.f : -INFINITY;
+}
+
+// Rows of head (b, h) of a (B, H, L, D) tensor (`stride`: its (b, h, l) strides, elements) as T.
+template <typename T, typename Ptr>
+__device__ __forceinline__ T* head_rows(Ptr* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
+  return static_cast<T*>(base) + b * stride[0] + h * stride[1];
+}
+
 // Element `idx` of a float32 / float16 / bfloat16 array, as fp32 (the 16-bit types widened from their bits).
 __device__ __forceinline__ float load_as_float(const void* ptr, DType dtype, int64_t idx) {
   if (dtype == DType::f32) return __ldg(static_cast<const float*>(ptr) + idx);
@@ -145,11 +156,88 @@ __device__ __forceinline__ float score_extras_log2(const AttentionParams& p, int
   return extra * kLog2e;
 }
 
-// `x`, the log2-domain score of query i and key j of head (b, h), plus its extras; masked scores (-inf)
-// and rows past Lq stay as they are, so nothing outside the inputs is read.
-__device__ __forceinline__ float add_score_extras(const AttentionParams& p, float x, int64_t b, int64_t h, int64_t i,
-                                                  int64_t j) {
-  return x == -INFINITY || i >= p.Lq ? x : x + score_extras_log2(p, b, h, i, j);
+// The scores of head (b, h) as every kernel computes them, written once: query i sees key j when the key is
+// kept (it exists and key_padding_mask attends it: key_kept) and, with CAUSAL, j <= i + Lk - Lq; the
+// log2-domain score of a pair it sees is q.k * scale * log2(e) plus the score terms (terms()). A new score
+// term goes into terms(), and only there.
+template <bool CAUSAL, bool EXTRAS>
+struct ScoreRule {
+  const AttentionParams& p;
+  int64_t b, h;
+  float scale_log2;
+
+  __device__ __forceinline__ ScoreRule(const AttentionParams& params, int64_t batch, int64_t head)
+      : p(params), b(batch), h(head), scale_log2(params.scale * kLog2e) {}
+
+  // Whether the causal mask lets query i see key j (always without CAUSAL).
+  __device__ __forceinline__ bool causal_visible(int64_t i, int64_t j) const {
+    return !CAUSAL || j <= i + p.Lk - p.Lq;
+  }
+
+  // Whether query i sees key j, given whether the key is kept.
+  __device__ __forceinline__ bool visible(bool kept, int64_t i, int64_t j) const {
+    return kept && causal_visible(i, j);
+  }
+
+  // x, the scaled q.k of query i and a key j it sees, plus the score terms: in the EXTRAS kernels
+  // score_extras_log2 (none for rows past Lq, so nothing outside the inputs is read).
+  __device__ __forceinline__ float terms(float x, int64_t i, int64_t j) const {
+    if constexpr (EXTRAS) {
+      if (i < p.Lq) x += score_extras_log2(p, b, h, i, j);
+    }
+    return x;
+  }
+
+  // The log2-domain score of query i and key j from their dot product qk and the key's additive mask
+  // kbias (0 kept, -inf not: key_bias()): -inf where i does not see j.
+  __device__ __forceinline__ float score(float qk, float kbias, int64_t i, int64_t j) const {
+    float x = qk * scale_log2 + kbias;
+    if (!causal_visible(i, j)) x = -INFINITY;
+    return x == -INFINITY ? x : terms(x, i, j);
+  }
+
+  // exp2(score - lse_log2) of a pair given whether its key is kept: 0 where i does not see j.
+  __device__ __forceinline__ float prob(float qk, bool kept, int64_t i, int64_t j, float lse_log2) const {
+    return visible(kept, i, j) ? exp2f(terms(qk * scale_log2, i, j) - lse_log2) : 0.f;
+  }
+};
+
+// The double-buffered cp.async stream of `tiles` tiles through two smem buffers, written once for every
+// kernel; load(n, buf) issues the copies of tile n into buffer buf (0 or 1):
+//   stream_start(tiles, load);             // after the caller's own copies (its resident tiles)
+//   for (int n = 0; n < tiles; ++n) {
+//     const int buf = stream_wait(n, tiles, load);  // tile n has landed, tile n + 1 is on its way
+//     ... read buffer buf ...
+//     __syncthreads();                     // the block is done with buffer buf
+//   }
+//   stream_finish(tiles);
+
+// Starts tile 0 (if any): its copies and the caller's earlier ones form the first cp.async group.
+template <typename Load>
+__device__ __forceinline__ void stream_start(int tiles, Load&& load) {
+  if (tiles > 0) load(0, 0);
+  cp_async_commit();
+}
+
+// Prefetches tile n + 1 into the other buffer (last read before the previous iteration's closing barrier),
+// waits for tile n and the block; returns tile n's buffer.
+template <typename Load>
+__device__ __forceinline__ int stream_wait(int n, int tiles, Load&& load) {
+  const int buf = n % 2;
+  if (n + 1 < tiles) {
+    load(n + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+  return buf;
+}
+
+// With no tile, waits for the caller's copies.
+__device__ __forceinline__ void stream_finish(int tiles) {
+  if (tiles == 0) cp_async_wait<0>();
 }
 
 // Bit 4 nt + e set where element (nt, e) of a 16 x (8 NT) tile of accumulators is nonzero.
@@ -210,13 +298,13 @@ __device__ __forceinline__ int visible_key_tiles(const AttentionParams& p, int64
 }
 
 // Keys [j0, j0 + ROWS) of batch b: K and V rows into s_k, s_v (cp.async, zeros past Lk) and their key
-// mask as an additive bias into s_kbias (0 attended, -inf padded out or past Lk).
+// mask as an additive bias into s_kbias (0 kept, -inf padded out or past Lk: key_bias).
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, float* s_kbias, const T* k, const T* v,
                                              const AttentionParams& p, int64_t b, int64_t j0) {
   load_tile<ROWS, D>(s_k, k, p.k_stride[2], j0, p.Lk);
   load_tile<ROWS, D>(s_v, v, p.v_stride[2], j0, p.Lk);
-  for (int j = threadIdx.x; j < ROWS; j += kThreads) s_kbias[j] = key_kept(p, b, j0 + j) ? 0.f : -INFINITY;
+  for (int j = threadIdx.x; j < ROWS; j += kThreads) s_kbias[j] = key_bias(p, b, j0 + j);
 }
 
 // Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then

@@ -15,6 +15,7 @@ import fastlm
 from fastlm.ops._family import KERNEL_DTYPES
 from fastlm.ops.attention import (
     ATTENTION,
+    CUDA_HEAD_DIMS,
     RelativePositionBias,
     attention,
     attention_reference,
@@ -28,7 +29,7 @@ DEVICE = default_device()
 # Every attention kernel that runs on DEVICE: triton and cuda on a GPU; triton (interpreted) and cuda_emu
 # (the same CUDA C++ sources, emulated) on the CPU.
 AVAILABLE = [name for name in ATTENTION.available(DEVICE) if name != "reference"]
-# The CUDA C++ kernels implement a subset (fp16/bf16, head dims 32/64/96/128/256; see ATTENTION) and
+# The CUDA C++ kernels implement a subset (fp16/bf16, the head dims of CUDA_HEAD_DIMS; see ATTENTION) and
 # the emulator runs them slowly: they get the lean covering suite of their own section below.
 KERNELS = [name for name in ATTENTION.available(DEVICE, dtypes=KERNEL_DTYPES) if name != "reference"]  # triton
 CUDA_KERNELS = [name for name in AVAILABLE if name not in KERNELS]  # cuda on a GPU, cuda_emu on the CPU
@@ -508,11 +509,7 @@ def test_cuda_lengths(kernel, Lq, Lk, causal):
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
-@pytest.mark.parametrize(
-    "D, dtype",
-    [(32, BF16), (64, FP16), (64, BF16), (96, FP16), (96, BF16), (128, FP16), (128, BF16), (256, FP16), (256, BF16)],
-    ids=str,
-)
+@pytest.mark.parametrize("D, dtype", [(D, dtype) for D in CUDA_HEAD_DIMS for dtype in (FP16, BF16)], ids=str)
 def test_cuda_head_dims(kernel, D, dtype):
     _run(kernel, B=2, Hq=2, Hkv=1, Lq=20, Lk=33, D=D, pad=True, causal=D in (64, 256), scale=0.3, dtype=dtype)
 
@@ -678,8 +675,9 @@ GLUE_ERRORS = [
     ("q 3-D", lambda q, k, v: (q[0], k, v), {}, "4-D"),
     ("k/v shapes", lambda q, k, v: (q, k, v[:, :, :5]), {}, "same shape"),
     ("Hq % Hkv", lambda q, k, v: (q, k[:, :1].expand(2, 3, 9, 32), v[:, :1].expand(2, 3, 9, 32)), {}, "multiple"),
-    ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, "float16 or bfloat16"),
-    ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {}, "head dim 32, 64, 96, 128 or 256"),
+    ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, r"torch.float32 \(CUDA kernels: fp16/bf16\)"),
+    ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {},
+     rf"head dim 16 \(CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))}\)"),
     ("mask", _same, {"mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
     ("bias shape", _same, {"bias": torch.zeros(2, 2, 7, 8)}, r"attn_bias must be \(B, Hq, Lq, Lk\)"),
     ("bias dtype", _same, {"bias": torch.zeros(2, 2, 7, 9, dtype=torch.float64)}, "attn_bias must be float32"),
