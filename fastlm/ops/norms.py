@@ -108,16 +108,22 @@ def _norm_bwd(
 
 # --------------------------------------------------------------------------- autograd
 def _differentiable_backward(s, weight, dy, eps, rms):
-    """The gradients (d s, d weight) of norm(s) * weight (+ bias) for upstream dy, computed by autograd
-    through the reference formula so that they can be differentiated again. s and dy (..., N); d weight
-    is None when weight is."""
+    """The gradients (d s, d weight) of norm(s) * weight (+ bias) for upstream dy, written out in torch ops
+    (fp32) so that autograd can differentiate them again (create_graph=True). s and dy (..., N); d weight
+    (N,) is None when weight is. Not torch.autograd.grad of the reference: with s a saved output of
+    _NormFunction, that would run this backward again to reach the weight through s."""
     with torch.enable_grad():
-        s = s if s.requires_grad else s.detach().requires_grad_()
-        w = None if weight is None else (weight if weight.requires_grad else weight.detach().requires_grad_())
-        y = norm_reference(s.float(), w, None, eps, rms=rms)  # (..., N) fp32
-        inputs = (s,) if w is None else (s, w)
-        grads = torch.autograd.grad(y, inputs, dy.to(y.dtype), create_graph=True, allow_unused=True)
-    return grads[0], (None if w is None else grads[1])
+        h = s.float()
+        if not rms:
+            h = h - h.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = h * rstd
+        g = dy.float() if weight is None else dy.float() * weight.float()  # dL/dx̂
+        ds = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        if not rms:
+            ds = ds - ds.mean(-1, keepdim=True)
+        dw = None if weight is None else (dy.float() * x_hat).reshape(-1, s.shape[-1]).sum(0)  # (N,)
+    return ds, dw
 
 
 def _kernel_backward(ctx, s, weight, mean, rstd, dy, ds, has_bias):
