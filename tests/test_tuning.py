@@ -96,8 +96,9 @@ def test_attention_launchers_take_their_tuned_configuration(tmp_path, monkeypatc
     with fastlm.use_backend("triton"):
         o = fastlm.attention(q, k, v)
     o.float().sum().backward()
-    assert (fwd.launches[0]["BLOCK_M"], fwd.launches[0]["BLOCK_N"], fwd.launches[0]["num_warps"]) == (32, 16, 2)
-    assert (dq.launches[0]["BLOCK_M"], dq.launches[0]["BLOCK_N"]) == (16, 32)
+    fwd_opt, dq_opt = fwd.launches[0]["OPT"], dq.launches[0]["OPT"]  # the kernels' compile-time Options
+    assert (fwd_opt.BLOCK_M, fwd_opt.BLOCK_N, fwd.launches[0]["num_warps"]) == (32, 16, 2)
+    assert (dq_opt.BLOCK_M, dq_opt.BLOCK_N) == (16, 32)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(o.float(), expected, atol=2e-3, rtol=2e-3)
 

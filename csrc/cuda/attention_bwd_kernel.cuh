@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = nt * 8 + 2 * t + e % 2;
-        pt[nt][e] = rule.prob(pt[nt][e], kept[e / 2], m0 + i, key[e / 2], s_lse[buf * kSteps + i]);
+        pt[nt][e] = rule.prob(pt[nt][e], kept[e / 2], m0 + i, key[e / 2], s_lse + buf * kSteps + i);
       }
     }
     if constexpr (!EXTRAS) mma_acc_rows<T, D, kSteps, kCols>(dv, pt, sdo + c0);  // dV += P^T dO

@@ -196,9 +196,13 @@ struct ScoreRule {
     return x == -INFINITY ? x : terms(x, i, j);
   }
 
-  // exp2(score - lse_log2) of a pair given whether its key is kept: 0 where i does not see j.
-  __device__ __forceinline__ float prob(float qk, bool kept, int64_t i, int64_t j, float lse_log2) const {
-    return visible(kept, i, j) ? exp2f(terms(qk * scale_log2, i, j) - lse_log2) : 0.f;
+  // exp2(score - *lse_log2) of a pair given whether its key is kept: 0 where i does not see j. The row's
+  // LSE is read only where it is used: read for every pair, it spills the sm_80 dK/dV kernel at D = 256.
+  // (visible() written out: calling it here spills too, as does `kept && causal_visible(i, j)`.)
+  __device__ __forceinline__ float prob(float qk, bool kept, int64_t i, int64_t j, const float* lse_log2) const {
+    bool seen = kept;
+    if (CAUSAL) seen = seen && j <= i + p.Lk - p.Lq;
+    return seen ? exp2f(terms(qk * scale_log2, i, j) - *lse_log2) : 0.f;
   }
 };
 
