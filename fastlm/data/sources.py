@@ -11,7 +11,7 @@ import os
 import sysconfig
 import warnings
 
-__all__ = ["BUILTIN", "load_texts", "stdlib_docstrings"]
+__all__ = ["BUILTIN", "jsonl_records", "load_texts", "stdlib_docstrings"]
 
 BUILTIN = "builtin"
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -50,18 +50,27 @@ def _paragraphs(text):
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
+def jsonl_records(path, f):
+    """(line number, record) of each non-blank line of the JSONL file ``f`` opened from ``path``; ValueError
+    naming the file and line at a line that is not a JSON object."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got a {type(record).__name__}")
+        yield lineno, record
+
+
 def _read_jsonl(path, text_field):
     docs = []
     try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
+            for lineno, row in jsonl_records(path, f):
+                if text_field not in row:
                     raise ValueError(f"{path}:{lineno}: expected an object with a {text_field!r} field")
                 docs.append(str(row[text_field]))
     except UnicodeDecodeError as e:

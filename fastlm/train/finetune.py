@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..data import load_tokenizer
+from ..data.sources import jsonl_records
 from ..models import BertForSequenceClassification, freeze_all_but, linear_probe, trainable_parameters
 from .validate import TrainingError, check_float, check_int
 
@@ -43,21 +44,6 @@ class FinetuneConfig:
     progress: bool = True
 
 
-def _jsonl_records(path, f):
-    """(line number, record) of each non-blank line of the JSONL file ``f``; ValueError at a line that is not
-    a JSON object."""
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got a {type(record).__name__}")
-        yield lineno, record
-
-
 def _csv_records(path, f):
     """(line number, row dict) of each row of the CSV file ``f`` (its header names the fields)."""
     reader = csv.DictReader(f)
@@ -79,7 +65,7 @@ def _read_rows(path, text_field, label_field):
         return [(r[text_field], r[label_field]) for r in ds]
     if not os.path.isfile(path):
         raise ValueError(f"data {path!r}: no such file")
-    records = _jsonl_records if path.endswith((".jsonl", ".json")) else _csv_records
+    records = jsonl_records if path.endswith((".jsonl", ".json")) else _csv_records
     rows = []
     try:
         with open(path, encoding="utf-8", newline="") as f:
