@@ -1,7 +1,8 @@
-// Glue for fused attention: checks, output allocation, the params struct, the kernel call. Same
-// signature as the Triton launchers (kernels/attention.py); the Python side (fastlm/ops/attention.py)
-// validates first, and routes to this backend only what the kernels implement, which is checked here
-// again before any launch.
+// Glue for fused attention: checks, output allocation, the params struct, the kernel call (the CUDA
+// kernels on their device, the CPU kernels on CPU tensors). Same signature as the Triton launchers
+// (kernels/attention.py); the Python side (fastlm/ops/attention.py) validates first, and routes to this
+// backend only what the kernels implement, which is checked here again before any launch.
+#include "cpu/attention.h"
 #include "cuda/attention.h"
 
 #include "glue.h"
@@ -12,11 +13,15 @@ namespace {
 constexpr const char* kFwd = "attention_fwd";
 constexpr const char* kBwd = "attention_bwd";
 
-// `t` as the kernels read it: unit stride along D, other strides multiples of 8 elements, 16-byte
-// aligned data (views of a fused QKV projection usually qualify; anything else is copied).
-at::Tensor rows_of_16_bytes(const at::Tensor& t) {
-  bool ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+// `t` as the kernels read it: unit stride along D, and for the CUDA kernels (cuda: t is on their device)
+// other strides multiples of 8 elements and 16-byte aligned data (views of a fused QKV projection usually
+// qualify; anything else is copied).
+at::Tensor rows_as_read(const at::Tensor& t, bool cuda) {
+  bool ok = t.stride(3) == 1 || t.size(3) <= 1;
+  if (cuda) {
+    ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+  }
   return ok ? t : t.contiguous();
 }
 
@@ -37,7 +42,7 @@ std::string head_dims_text() {
 }
 
 // q, k, v as the kernels take them; the messages are fastlm.attention's (fastlm/ops/attention.py), or for
-// what only the CUDA kernels lack, the reason that routes such calls away from them there.
+// what only one backend's kernels lack, the reason that routes such calls away from them there.
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D (B, H, L, D), got shape ", t->sizes());
@@ -55,6 +60,13 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               "), k and v have D=", k.size(3), " (shape ", k.sizes(), ")");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads Hq=", q.size(1),
               " must be a multiple of k/v heads Hkv=", k.size(1), " (q ", q.sizes(), ", k ", k.sizes(), ")");
+  if (!on_kernel_device(q)) {
+    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                op, ": no attention with ", dtype_name(q.scalar_type()), " (CPU kernels: fp32/fp16/bf16)");
+    TORCH_CHECK(q.size(3) <= cpu::kAttentionMaxHeadDim, op, ": no attention with head dim ", q.size(3),
+                " (CPU kernels: up to ", cpu::kAttentionMaxHeadDim, ")");
+    return;
+  }
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": no attention with ",
               dtype_name(q.scalar_type()), " (CUDA kernels: fp16/bf16)");
   TORCH_CHECK(attention_head_dim_built(q.size(3)), op, ": no attention with head dim ", q.size(3),
@@ -159,17 +171,18 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
                                       double scale, double dropout_p) {
   const KernelDevice device(q_in);
   check_qkv(kFwd, q_in, k_in, v_in);
-  const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
+  const bool cuda = on_kernel_device(q_in);
+  const at::Tensor q = rows_as_read(q_in, cuda), k = rows_as_read(k_in, cuda), v = rows_as_read(v_in, cuda);
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kFwd);
   set_extras(p, q, bias, table, bucket, seed, dropout_p, kFwd);
   at::Tensor o = new_output({p.B, p.Hq, p.Lq, p.head_dim}, q.options());
   at::Tensor lse = new_output({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  if (o.numel() == 0) return {o, lse};
+  if (lse.numel() == 0) return {o, lse};  // (an empty head dim still has an LSE: that of the bias)
   if (p.Lk == 0) return {o.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};  // no key: zeros
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
   set_strides(p.o_stride, o);
-  device.run(kFwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_fwd), nullptr);
+  device.run(kFwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_fwd), FASTLM_CPU_KERNEL(cpu::attention_fwd));
   return {o, lse};
 }
 
@@ -193,16 +206,18 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
               ": lse must be float32 (B, Hq, Lq) = ", q_in.sizes().slice(0, 3), ", got ", lse_in.scalar_type(), " ",
               lse_in.sizes());
   check_same_device(kBwd, lse_in, "lse", q_in, "q");
-  const at::Tensor q = rows_of_16_bytes(q_in), k = rows_of_16_bytes(k_in), v = rows_of_16_bytes(v_in);
-  const at::Tensor dout = rows_of_16_bytes(do_in), o = rows_of_16_bytes(o_in), lse = lse_in.contiguous();
+  const bool cuda = on_kernel_device(q_in);
+  const at::Tensor q = rows_as_read(q_in, cuda), k = rows_as_read(k_in, cuda), v = rows_as_read(v_in, cuda);
+  const at::Tensor dout = rows_as_read(do_in, cuda), o = rows_as_read(o_in, cuda), lse = lse_in.contiguous();
   AttentionParams p = make_params(q, k, v, mask, causal, scale, kBwd);
   set_extras(p, q, bias, table, bucket, seed, dropout_p, kBwd);
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
-  // zero-filled: the dQ kernel skips the tiles above the causal diagonal and adds to dtable's partials
-  const int64_t slabs = (p.Lq + kAttentionSlab - 1) / kAttentionSlab;
+  // zero-filled: the kernels skip the tiles above the causal diagonal and add to dtable's partials (one per
+  // slab of queries from the CUDA kernels, one per head from the CPU kernels)
+  const int64_t slabs = cuda ? (p.Lq + kAttentionSlab - 1) / kAttentionSlab : 1;
   at::Tensor dbias = at::zeros(need_dbias ? std::vector<int64_t>{p.B, p.Hq, p.Lq, p.Lk} : std::vector<int64_t>{0},
                                fp32);
   at::Tensor dtable_partial = at::zeros(
@@ -227,7 +242,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   set_strides(p.dv_stride, dv);
   if (need_dbias) p.dbias = dbias.data_ptr<float>();
   if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
-  device.run(kBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), nullptr);
+  device.run(kBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), FASTLM_CPU_KERNEL(cpu::attention_bwd));
   return {dq, dk, dv, dbias, dtable()};
 }
 
@@ -238,7 +253,8 @@ void bind_attention(pybind11::module_& m) {
         "The head dims this build has CUDA attention kernels for, in increasing order (csrc/cuda/generate_kernels.py's "
         "HEAD_DIMS less those setup.py's FASTLM_ATTN_HDIMS left out)");
   m.def("attention_fwd", &attention_fwd,
-        "Fused attention forward (fp16/bf16, a head dim of attention_head_dims(); bias (B, Hq, Lq, Lk) any strides, rel_pos table "
+        "Fused attention forward (CUDA kernels: fp16/bf16, a head dim of attention_head_dims(); CPU kernels: fp32/fp16/bf16, head "
+        "dims up to 256; bias (B, Hq, Lq, Lk) any strides, rel_pos table "
         "(num_buckets, Hq) with bucket (Lq + Lk - 1,) int32, dropout from seed (1,) int64 CPU, all optional): "
         "returns [o (B, Hq, Lq, D), lse (B, Hq, Lq) fp32]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("bias"), pybind11::arg("mask"),

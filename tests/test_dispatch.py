@@ -13,6 +13,7 @@ import fastlm
 from bench import dispatch
 from fastlm import backends
 from fastlm.ops import FAMILIES
+from fastlm.ops._family import Kernels, OpFamily
 from tests.conftest import backends_under_test, device_under_test
 
 
@@ -96,16 +97,15 @@ def test_calls_are_counted_per_plain_op_name():
     assert backends.calls - before == {("layer_norm", "reference"): 1, ("attention", "reference"): 1}
 
 
-@pytest.mark.skipif(
-    fastlm._ext.C is None or "cpu" in FAMILIES["attention"].kernels, reason="needs a cpu backend without attention"
-)
+@pytest.mark.skipif(fastlm._ext.C is None, reason="fastlm._C not built")
 def test_forcing_a_backend_without_the_op_names_it_and_why():
-    q = torch.randn(1, 2, 5, 16)
+    """Every built-in family has kernels on every backend now: a family declared with Triton kernels only."""
+    family = OpFamily("softcap", ("softcap",), {"triton": Kernels()})
     with fastlm.use_backend("cpu"), pytest.raises(RuntimeError) as err:
-        fastlm.attention(q, q, q)
+        family.select("softcap", torch.device("cpu"), torch.float32)
     message = str(err.value)
-    assert "'cpu' was forced for attention on cpu, but it has no attention kernels" in message
-    assert "CUDA" not in message and "float32" not in message
+    assert "'cpu' was forced for softcap on cpu, but it has no softcap kernels (they exist for triton)" in message
+    assert "float32" not in message
 
 
 @pytest.mark.skipif(fastlm._ext.C_EMU is None, reason="fastlm._C_emu not built")
@@ -141,7 +141,6 @@ def test_tests_run_each_family_on_the_backends_that_declare_it():
     for name, family in FAMILIES.items():
         expected = [b for b in fastlm.available_backends(device) if b in family.kernels or b == "reference"]
         assert backends_under_test(f"tests.ops.test_{name}") == expected
-    assert "cpu" not in backends_under_test("tests.ops.test_attention")
     assert backends_under_test("tests.test_patch") == fastlm.available_backends(device)
 
 

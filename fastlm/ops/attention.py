@@ -217,17 +217,17 @@ def attention_reference(
 # Kernel entry points
 # ----------------------------------------------------------------------------------------------
 
-# The Triton kernels take every kernel dtype and head dims up to 256. The CUDA C++ kernels (fastlm._C /
-# fastlm._C_emu, csrc/cuda/attention*.cu) have every feature, on fp16/bf16 q, k, v (tensor cores) and the
-# head dims this build has kernels for (csrc/cuda/generate_kernels.py's list less what FASTLM_ATTN_HDIMS
-# left out; none without the extension); attn_bias and the rel_pos table may be fp32 too. There are no CPU
-# C++ attention kernels.
+# The Triton kernels and the CPU C++ kernels (fastlm._C, csrc/cpu/attention.cpp) take every kernel dtype
+# and head dims up to 256. The CUDA C++ kernels (fastlm._C / fastlm._C_emu, csrc/cuda/attention*.cu) have
+# every feature, on fp16/bf16 q, k, v (tensor cores) and the head dims this build has kernels for
+# (csrc/cuda/generate_kernels.py's list less what FASTLM_ATTN_HDIMS left out; none without the extension);
+# attn_bias and the rel_pos table may be fp32 too.
 CUDA_HEAD_DIMS = tuple(next((m.attention_head_dims() for m in (_ext.C, _ext.C_EMU) if m is not None), ()))
 _CUDA = Kernels(dtypes=(torch.float16, torch.bfloat16), head_dims=CUDA_HEAD_DIMS)
 ATTENTION = OpFamily(
     "attention",
     ("attention",),
-    {"triton": Kernels(max_head_dim=256), "cuda": _CUDA, "cuda_emu": _CUDA},
+    {"triton": Kernels(max_head_dim=256), "cuda": _CUDA, "cuda_emu": _CUDA, "cpu": Kernels(max_head_dim=256)},
 )
 
 

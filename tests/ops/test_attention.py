@@ -26,13 +26,14 @@ from fastlm.testing import LAYOUTS, assert_close_to_reference, default_device, p
 
 FP16, BF16, FP32, I32 = torch.float16, torch.bfloat16, torch.float32, torch.int32
 DEVICE = default_device()
-# Every attention kernel that runs on DEVICE: triton and cuda on a GPU; triton (interpreted) and cuda_emu
-# (the same CUDA C++ sources, emulated) on the CPU.
+# Every attention kernel that runs on DEVICE: triton and cuda on a GPU; triton (interpreted), cpu (the C++
+# kernels of csrc/cpu) and cuda_emu (the CUDA C++ sources, emulated) on the CPU.
 AVAILABLE = [name for name in ATTENTION.available(DEVICE) if name != "reference"]
 # The CUDA C++ kernels implement a subset (fp16/bf16, the head dims of CUDA_HEAD_DIMS; see ATTENTION) and
 # the emulator runs them slowly: they get the lean covering suite of their own section below.
-KERNELS = [name for name in ATTENTION.available(DEVICE, dtypes=KERNEL_DTYPES) if name != "reference"]  # triton
+KERNELS = [name for name in ATTENTION.available(DEVICE, dtypes=KERNEL_DTYPES) if name != "reference"]  # triton, cpu
 CUDA_KERNELS = [name for name in AVAILABLE if name not in KERNELS]  # cuda on a GPU, cuda_emu on the CPU
+CPU_KERNELS = [name for name in AVAILABLE if name == "cpu"]
 
 
 def _run(
@@ -574,10 +575,10 @@ def test_cuda_rel_pos_table_read_through_strides(kernel):
     assert torch.equal(strided[0], contiguous[0]) and torch.equal(strided[1], contiguous[1])
 
 
-@pytest.mark.parametrize("kernel", CUDA_KERNELS)
-def test_cuda_dropout_mask_is_the_stream_of_every_backend(kernel):
-    """q = 0 makes the probabilities uniform and v = identity reads the keep-mask back: the CUDA kernels
-    keep exactly dropout_keep_mask's elements, and the triton backend's, for the same torch seed."""
+@pytest.mark.parametrize("kernel", [*CUDA_KERNELS, *CPU_KERNELS])
+def test_dropout_mask_is_the_stream_of_every_backend(kernel):
+    """q = 0 makes the probabilities uniform and v = identity reads the keep-mask back: the C++ kernels
+    keep exactly dropout_keep_mask's elements, and every other backend's, for the same torch seed."""
     B, H, Lq, L, p = 2, 3, 33, 32, 0.3
     q = torch.zeros(B, H, Lq, L, dtype=FP16, device=DEVICE)
     k = randn(B, H, L, L, dtype=FP16, device=DEVICE)
@@ -593,8 +594,8 @@ def test_cuda_dropout_mask_is_the_stream_of_every_backend(kernel):
     seed = int(torch.randint(0, 2**62, (1,)).item())
     assert torch.equal(mask, dropout_keep_mask(seed, (B, H, Lq, L), p, DEVICE))
     assert 0.2 < 1 - mask.float().mean().item() < 0.4
-    if "triton" in AVAILABLE:
-        assert torch.equal(mask, kept("triton"))
+    for other in AVAILABLE:
+        assert torch.equal(mask, kept(other)), f"{kernel} and {other} drop different elements"
 
 
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
@@ -675,9 +676,6 @@ GLUE_ERRORS = [
     ("q 3-D", lambda q, k, v: (q[0], k, v), {}, "4-D"),
     ("k/v shapes", lambda q, k, v: (q, k, v[:, :, :5]), {}, "same shape"),
     ("Hq % Hkv", lambda q, k, v: (q, k[:, :1].expand(2, 3, 9, 32), v[:, :1].expand(2, 3, 9, 32)), {}, "multiple"),
-    ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, r"torch.float32 \(CUDA kernels: fp16/bf16\)"),
-    ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {},
-     rf"head dim 16 \(CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))}\)"),
     ("mask", _same, {"mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
     ("bias shape", _same, {"bias": torch.zeros(2, 2, 7, 8)}, r"attn_bias must be \(B, Hq, Lq, Lk\)"),
     ("bias dtype", _same, {"bias": torch.zeros(2, 2, 7, 9, dtype=torch.float64)}, "attn_bias must be float32"),
@@ -693,9 +691,30 @@ GLUE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("kernel", CUDA_KERNELS)
-@pytest.mark.parametrize("case", GLUE_ERRORS, ids=[c[0] for c in GLUE_ERRORS])
-def test_cuda_glue_checks_before_launch(kernel, case):
+# what only one C++ backend's kernels lack, refused by its glue
+GLUE_LIMITS = {
+    "cuda": [
+        ("dtype", lambda q, k, v: (q.float(), k.float(), v.float()), {}, r"torch.float32 \(CUDA kernels: fp16/bf16\)"),
+        ("head dim", lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), {},
+         rf"head dim 16 \(CUDA kernels: {', '.join(map(str, CUDA_HEAD_DIMS))}\)"),
+    ],
+    "cpu": [
+        ("dtype", lambda q, k, v: (q.double(), k.double(), v.double()), {},
+         r"torch.float64 \(CPU kernels: fp32/fp16/bf16\)"),
+        ("head dim", lambda q, k, v: tuple(t.new_zeros(*t.shape[:3], 264) for t in (q, k, v)), {},
+         r"head dim 264 \(CPU kernels: up to 256\)"),
+    ],
+}
+# the C++ kernels, behind the glue, with the cases each must refuse
+GLUE_CASES = [
+    (kernel, case)
+    for kernel in [*CUDA_KERNELS, *(["cpu"] if "cpu" in AVAILABLE else [])]
+    for case in [*GLUE_ERRORS, *GLUE_LIMITS["cpu" if kernel == "cpu" else "cuda"]]
+]
+
+
+@pytest.mark.parametrize("kernel, case", GLUE_CASES, ids=[f"{kernel}-{case[0]}" for kernel, case in GLUE_CASES])
+def test_glue_checks_before_launch(kernel, case):
     """The glue's TORCH_CHECKs catch bad input that bypasses the Python validation."""
     name, tensors, extra, words = case
     if name == "bucket range" and DEVICE != "cpu":
@@ -718,6 +737,38 @@ def test_cuda_glue_checks_before_launch(kernel, case):
     }
     with pytest.raises(RuntimeError, match=words):
         ATTENTION.module(kernel).attention_fwd(*tensors(q, k, v), *args.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU C++ kernels: blocks of 64 queries and 64 keys, one backward task per (batch, KV head)
+# ----------------------------------------------------------------------------------------------
+
+CPU_BLOCK_CASES = {
+    "fp32-bias-relpos-dropout-causal-Lq<Lk": {
+        "B": 2, "Hq": 4, "Hkv": 2, "Lq": 130, "Lk": 200, "D": 40, "dtype": FP32, "causal": True, "pad": "right",
+        "bias_shape": (1, 4, 130, 200), "rel_pos": True, "dropout_p": 0.15,
+    },
+    "bf16-relpos-dropout-causal-Lq>Lk": {
+        "B": 2, "Hq": 2, "Hkv": 1, "Lq": 150, "Lk": 70, "D": 64, "dtype": BF16, "causal": True, "pad": True,
+        "bias_shape": (2, 1, 150, 70), "bias_dtype": FP32, "rel_pos": False, "dropout_p": 0.1,
+    },
+}
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("case", list(CPU_BLOCK_CASES))
+def test_cpu_several_blocks_and_deterministic_backward(kernel, case):
+    """Several query and key blocks with every feature at once (GQA, padding that cuts key blocks, causal in
+    both alignments, queries that see no key, a broadcast bias, rel_pos, dropout), under the rule; every
+    gradient (dbias reduced over the broadcast dims, the table's) is bit-identical on a rerun."""
+    torch.manual_seed(0)
+    out, grads = _run(kernel, **CPU_BLOCK_CASES[case])
+    torch.manual_seed(0)
+    again, grads_again = _run(kernel, **CPU_BLOCK_CASES[case])
+    assert set(grads) == {"q", "k", "v", "attn_bias", "table"}
+    assert torch.equal(out, again)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_again[name]), f"d{name} differs between reruns"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -935,14 +986,13 @@ def test_reference_backend_fp16_within_rule_of_sdpa(q_shape, kv_shape, causal):
         assert_close_to_reference(a, o, b, factor=2.0 if name == "out" else 3.0, name=name)
 
 
-@pytest.mark.skipif("cpu" not in fastlm.available_backends("cpu"), reason="fastlm._C not built")
-@pytest.mark.parametrize("dtype", [FP16, FP32, torch.float64], ids=str)
-def test_forced_cpu_backend_says_it_has_no_attention_kernel(dtype):
-    q = torch.randn(1, 2, 5, 32, dtype=dtype)
-    with fastlm.use_backend("cpu"), pytest.raises(RuntimeError) as error:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_head_dims_over_256_are_refused_by_kernels(kernel):
+    q = torch.randn(1, 2, 5, 264, device=DEVICE)
+    with fastlm.use_backend(kernel), pytest.raises(RuntimeError) as error:
         attention(q, q, q)
-    assert "'cpu'" in str(error.value) and "has no attention kernel" in str(error.value)
-    assert "CUDA" not in str(error.value) and "dtype" not in str(error.value)
+    assert f"'{kernel}'" in str(error.value) and "no attention with head dim 264" in str(error.value)
+    assert "up to 256" in str(error.value)
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -1048,7 +1098,8 @@ def _draw_case(gen, impl):
 
 
 SEED = 16
-DRAWS = {"triton": 4, "cuda_emu": 12, "cuda": 12, "reference": 24}  # a few seconds each on two idle CPU cores
+# a few seconds each on two idle CPU cores
+DRAWS = {"triton": 4, "cuda_emu": 12, "cuda": 12, "cpu": 24, "reference": 24}
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
