@@ -1,5 +1,6 @@
 """T5 on fastlm's kernels: encoder-decoder with RMSNorm (fused with the residual add), T5's relative
-position bias computed inside fastlm.attention (``rel_pos``; the first layer's table serves every layer),
+position bias computed inside fastlm.attention (``rel_pos``; the first layer's table and one bucket
+computation per forward serve every layer),
 v1.0 (ReLU) and v1.1 (gated GELU) feed-forward, a tied or untied LM head, generate() with a KV cache.
 
 Parameter names are Hugging Face's (``encoder.block.0.layer.0.SelfAttention.q.weight``, ...).
@@ -7,7 +8,7 @@ Shapes: B batch, Ls source length, Lt target length, E = d_model, H heads, D = d
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from ._common import HFConfig, activation, check_ids, check_labels, key_padding_
 from .generation import GenerationMixin, KVCache
 from .hub import PretrainedMixin
 
-__all__ = ["T5Config", "T5ForConditionalGeneration", "T5Output"]
+__all__ = ["CachedRelativePositionBias", "T5Config", "T5ForConditionalGeneration", "T5Output"]
 
 
 @dataclass
@@ -109,6 +110,33 @@ class T5Output:
     logits: torch.Tensor | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     decoder_last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class CachedRelativePositionBias(RelativePositionBias):
+    """A RelativePositionBias that keeps the diagonal buckets of the last (Lq, Lk) it computed in ``cache``,
+    so that every layer of a T5 stack (all reading the first layer's table) shares one bucket computation.
+
+    cache: a dict, fresh by default; instances made for the same stack may share one, since its key holds
+    everything the buckets depend on (lengths, bucketing, the table's device, inference mode).
+    """
+
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def diagonal_buckets(self, Lq, Lk):
+        """(Lq + Lk - 1,) int64 buckets, as RelativePositionBias.diagonal_buckets, computed once per key."""
+        key = (
+            Lq,
+            Lk,
+            self.bidirectional,
+            self.table.shape[0],
+            self.max_distance,
+            self.table.device,
+            torch.is_inference_mode_enabled(),
+        )
+        if self.cache.get("key") != key:
+            self.cache.update(key=key, buckets=super().diagonal_buckets(Lq, Lk))
+        return self.cache["buckets"]
 
 
 class T5Attention(nn.Module):
@@ -231,7 +259,8 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-    """The encoder or the decoder: blocks sharing block 0's relative-position table, final RMSNorm."""
+    """The encoder or the decoder: blocks sharing block 0's relative-position table (and, within one forward,
+    its buckets), final RMSNorm."""
 
     def __init__(self, config, is_decoder):
         super().__init__()
@@ -243,7 +272,7 @@ class T5Stack(nn.Module):
 
     def forward(self, x, *, mask=None, memory_kv=None, memory_mask=None, cache=None):
         """x (B, L, E) embeddings; memory_kv: per decoder layer, the cross-attention (k, v). -> (B, L, E)."""
-        rel_pos = RelativePositionBias(
+        rel_pos = CachedRelativePositionBias(
             self.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
             bidirectional=not self.is_decoder,
             max_distance=self.config.relative_attention_max_distance,
