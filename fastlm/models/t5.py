@@ -364,14 +364,16 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
 
     def encode(self, input_ids, attention_mask=None):
         """input_ids (B, Ls) -> encoder output (B, Ls, E)."""
-        check_ids(input_ids, self.config.vocab_size)
-        mask = key_padding_mask(attention_mask, input_ids.shape)
-        return self.encoder(self.shared(input_ids), mask=mask)
+        return self._encoded(input_ids, attention_mask, None)[0]
 
     def _encoded(self, input_ids, attention_mask, encoder_outputs):
-        """The encoder output (B, Ls, E): ``encoder_outputs`` when given (checked), else encode(input_ids)."""
+        """The encoder output (B, Ls, E) (``encoder_outputs`` when given, checked; else the encoder run on
+        input_ids) and its (B, Ls) key-padding mask or None, converted once for the encoder and every
+        cross-attention."""
         if encoder_outputs is None:
-            return self.encode(input_ids, attention_mask)
+            check_ids(input_ids, self.config.vocab_size)
+            mask = key_padding_mask(attention_mask, input_ids.shape)
+            return self.encoder(self.shared(input_ids), mask=mask), mask
         E = self.config.d_model
         if (
             not isinstance(encoder_outputs, torch.Tensor)
@@ -380,12 +382,27 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         ):
             shape = tuple(encoder_outputs.shape) if isinstance(encoder_outputs, torch.Tensor) else type(encoder_outputs)
             raise ValueError(f"encoder_outputs must be a tensor (B, Ls, d_model={E}) (encode()'s output), got {shape}")
-        return encoder_outputs
+        return encoder_outputs, key_padding_mask(attention_mask, encoder_outputs.shape[:2])
 
-    def _memory(self, encoded, attention_mask):
-        """Per decoder layer, the cross-attention (k, v) of the encoder output; and the (B, Ls) mask."""
-        memory_kv = [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
-        return memory_kv, key_padding_mask(attention_mask, encoded.shape[:2])
+    def _memory_kv(self, encoded):
+        """Per decoder layer, the cross-attention (k, v), each (B, H, Ls, D), of the encoder output (B, Ls, E)."""
+        return [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
+
+    def _decoder_input_ids(self, decoder_input_ids, labels):
+        """The decoder inputs (B, Lt), checked before any work: decoder_input_ids, or labels shifted right
+        (their ids checked; the shifted ones are then valid: the config checks its start and pad ids)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
+            check_labels(labels, self.config.vocab_size)
+            return self.shift_right(labels)
+        check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+        if labels is not None and tuple(labels.shape) != tuple(decoder_input_ids.shape):
+            raise ValueError(
+                f"labels must have the shape of decoder_input_ids {tuple(decoder_input_ids.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        return decoder_input_ids
 
     def _head_input(self, h):
         return h * self.config.d_model**-0.5 if self.config.scale_decoder_outputs else h
@@ -405,14 +422,9 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         decoder_attention_mask=None,
         encoder_outputs=None,
     ):
-        encoded = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
-            check_labels(labels, self.config.vocab_size)
-            decoder_input_ids = self.shift_right(labels)
-        check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
-        memory_kv, memory_mask = self._memory(encoded, attention_mask)
+        decoder_input_ids = self._decoder_input_ids(decoder_input_ids, labels)  # (B, Lt)
+        encoded, memory_mask = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E), (B, Ls)
+        memory_kv = self._memory_kv(encoded)
         h = self.decoder(
             self.shared(decoder_input_ids),
             mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"),
@@ -423,11 +435,6 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         if labels is None:
             out.logits = F.linear(self._head_input(h), self.head_weight())  # (B, Lt, V)
             return out
-        if tuple(labels.shape) != tuple(decoder_input_ids.shape):
-            raise ValueError(
-                f"labels must have the shape of decoder_input_ids {tuple(decoder_input_ids.shape)}, "
-                f"got {tuple(labels.shape)}"
-            )
         E = h.shape[-1]
         out.loss = ops.linear_cross_entropy(self._head_input(h).reshape(-1, E), self.head_weight(), labels.reshape(-1))
         return out
@@ -440,8 +447,8 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     def _start_decoding(self, input_ids, attention_mask, max_new_tokens):
         """For ``generate`` (see GenerationMixin): encode input_ids (B, Ls) (any padding), then decode from
         decoder_start_token_id with a KV cache of 1 + max_new_tokens positions."""
-        encoded = self.encode(input_ids, attention_mask)  # (B, Ls, E)
-        memory_kv, memory_mask = self._memory(encoded, attention_mask)
+        encoded, memory_mask = self._encoded(input_ids, attention_mask, None)  # (B, Ls, E), (B, Ls)
+        memory_kv = self._memory_kv(encoded)
         cache = KVCache(1 + max_new_tokens)
 
         def step(tokens):  # (B, 1) -> (B, V)

@@ -117,6 +117,23 @@ def test_relative_position_buckets_once_per_stack_and_forward(monkeypatch):
     assert len(buckets) == 2 + 1 + 3  # the encoder, then one per decoding step
 
 
+def test_inputs_checked_and_mask_converted_once_before_the_encoder(monkeypatch):
+    """One forward converts the attention mask once for the encoder and every cross-attention (it was
+    twice, the second time after the encoder), does not re-check the decoder inputs it shifts from checked
+    labels, and refuses bad decoder inputs before any encoder work."""
+    t5 = importlib.import_module("fastlm.models.t5")
+    masks, ids = count_calls(monkeypatch, t5, "key_padding_mask"), count_calls(monkeypatch, t5, "check_ids")
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V))
+    src, src_mask, labels = batch()
+    model(src, src_mask, labels=labels)
+    assert sum(args[0] is not None for args in masks) == 1
+    assert len(ids) == 1  # input_ids (labels go through check_labels)
+    encoder = count_calls(monkeypatch, model.encoder, "forward")
+    with pytest.raises(ValueError, match="labels must have the shape of decoder_input_ids"):
+        model(src, src_mask, decoder_input_ids=model.shift_right(labels)[:, :-1], labels=labels)
+    assert not encoder
+
+
 def assert_same_logits(model, hf, src_batch):
     """fastlm and Hugging Face T5 give the same logits on (src, src_mask, labels), teacher-forced."""
     src, src_mask, labels = src_batch
