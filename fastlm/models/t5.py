@@ -134,9 +134,11 @@ class CachedRelativePositionBias(RelativePositionBias):
             self.table.device,
             torch.is_inference_mode_enabled(),
         )
-        if self.cache.get("key") != key:
-            self.cache.update(key=key, buckets=super().diagonal_buckets(Lq, Lk))
-        return self.cache["buckets"]
+        entry = self.cache.get("entry")  # (key, buckets), stored as one item so that threads sharing it agree
+        if entry is None or entry[0] != key:
+            entry = key, super().diagonal_buckets(Lq, Lk)
+            self.cache["entry"] = entry
+        return entry[1]
 
 
 class T5Attention(nn.Module):
