@@ -12,7 +12,8 @@ rerouted with hooks on this instance. The paths are generic, by role rather than
   `variance_epsilon` or `eps`, named *RMSNorm or T5LayerNorm) become fastlm.nn.LayerNorm / RMSNorm.
 - attention: Hugging Face models whose attention goes through transformers' AttentionInterface use
   fastlm.attention (key padding from the 2-D mask, causality from `module.is_causal`, GQA as is,
-  T5's relative-position bias computed inside the kernel from the stack's table); torch.nn.
+  T5's relative-position bias computed inside the kernel from the stack's table, its buckets once per
+  stack rather than per layer, and T5's dense (1, H, Lq, Lk) bias never built); torch.nn.
   MultiheadAttention (alone or inside nn.TransformerEncoderLayer) becomes FusedMultiheadAttention.
   A call the fused kernel cannot serve (attention weights asked for, output_attentions=True, an
   attention argument it doesn't implement) runs the original code instead, with a one-time warning:
@@ -25,6 +26,7 @@ rerouted with hooks on this instance. The paths are generic, by role rather than
   (final_logit_softcapping, logits_scaling, logit_scale) keep their own loss.
 """
 
+import functools
 import sys
 import warnings
 import weakref
@@ -34,13 +36,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import nn as fnn
-from .ops.attention import RelativePositionBias, attention
+from .models.t5 import CachedRelativePositionBias
+from .ops.attention import attention
 
 __all__ = ["FusedMultiheadAttention", "patch", "unpatch"]
 
 IMPLEMENTATION = "fastlm"
 _STATE = "_fastlm_patch"  # instance attribute holding what patch() changed, for unpatch()
-_rel_pos_owner = weakref.WeakKeyDictionary()  # T5 self-attention module -> the stack's first attention
+# T5 self-attention module -> (the stack's first attention, the stack's bucket cache)
+_rel_pos_owner = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- norms
@@ -332,7 +336,7 @@ def hf_attention(
     if reason is not None:
         kwargs.update(scaling=scaling, dropout=dropout)
         if position_bias is not None:
-            kwargs["position_bias"] = position_bias
+            kwargs["position_bias"] = _dense_position_bias(position_bias)
         return _hf_eager(module, query, key, value, _eager_mask(attention_mask, causal, query, key), reason, kwargs)
     padding = bias = rel_pos = None
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -340,12 +344,13 @@ def hf_attention(
     elif attention_mask is not None:
         causal = False  # a dense mask (from hf_mask's fallback or the caller) already holds the pattern
         bias = _additive(~attention_mask if attention_mask.dtype == torch.bool else attention_mask, query.dtype)
-    owner = _rel_pos_owner.get(module)
+    owner, cache = _rel_pos_owner.get(module, (None, None))
     if owner is not None:
-        rel_pos = RelativePositionBias(
+        rel_pos = CachedRelativePositionBias(
             owner.relative_attention_bias.weight,
             bidirectional=not owner.is_decoder,
             max_distance=owner.relative_attention_max_distance,
+            cache=cache,
         )
     elif position_bias is not None and not getattr(module, "_fastlm_zero_position_bias", False):
         bias = position_bias if bias is None else bias + position_bias
@@ -432,8 +437,9 @@ def _register_hf():
 
 
 def _mark_t5_relative_bias(model):
-    """Point every T5 self-attention at its stack's table (layer 0's), and mark cross-attention, whose
-    position_bias is all zeros, so hf_attention uses rel_pos in the kernel and skips the dense bias."""
+    """Point every T5 self-attention at its stack's table (layer 0's) and bucket cache, make layer 0's
+    compute_bias lazy (see _lazy_compute_bias), and mark cross-attention, whose position_bias is all zeros,
+    so hf_attention uses rel_pos in the kernel and skips the dense bias."""
     marked = []
     for stack in model.modules():
         blocks = getattr(stack, "block", None)
@@ -442,13 +448,40 @@ def _mark_t5_relative_bias(model):
         first = getattr(blocks[0].layer[0], "SelfAttention", None)
         if first is None or not getattr(first, "has_relative_attention_bias", False):
             continue
+        _lazy_compute_bias(first)
+        cache = {}
         for block in blocks:
-            _rel_pos_owner[block.layer[0].SelfAttention] = first
+            _rel_pos_owner[block.layer[0].SelfAttention] = first, cache
             marked.append(block.layer[0].SelfAttention)
             if len(block.layer) > 2 and hasattr(block.layer[1], "EncDecAttention"):
                 block.layer[1].EncDecAttention._fastlm_zero_position_bias = True
                 marked.append(block.layer[1].EncDecAttention)
     return marked
+
+
+def _lazy_compute_bias(module):
+    """Replace T5Attention.compute_bias on this instance. HF's layer 0 computes the dense (1, H, Lq, Lk)
+    position bias of its stack (buckets of every (query, key) pair, then a table lookup) for all layers;
+    hf_attention never reads it (the kernel takes the table), so while the model runs fastlm attention it
+    gets a zero-strided placeholder of that shape instead, which knows how to build the real bias should
+    a call fall back to eager attention (_dense_position_bias). unpatch removes the override."""
+    original = module.compute_bias
+
+    def compute_bias(query_length, key_length, *args, **kwargs):
+        if module.config._attn_implementation != IMPLEMENTATION:
+            return original(query_length, key_length, *args, **kwargs)
+        table = module.relative_attention_bias.weight  # (num_buckets, H)
+        placeholder = table.new_zeros(()).expand(1, table.shape[1], query_length, key_length)  # no memory
+        placeholder._fastlm_dense = functools.partial(original, query_length, key_length, *args, **kwargs)
+        return placeholder
+
+    module.compute_bias = compute_bias
+
+
+def _dense_position_bias(position_bias):
+    """The position bias eager attention adds: HF's dense bias in place of _lazy_compute_bias's placeholder."""
+    dense = getattr(position_bias, "_fastlm_dense", None)
+    return position_bias if dense is None else dense()
 
 
 # --------------------------------------------------------------------------- losses
@@ -642,6 +675,7 @@ def unpatch(model):
     for module in state["marked"]:
         _rel_pos_owner.pop(module, None)
         module.__dict__.pop("_fastlm_zero_position_bias", None)
+        module.__dict__.pop("compute_bias", None)
     if state["attn_implementation"] is not None:
         model.set_attn_implementation(state["attn_implementation"])
     for config, implementation in state.get("subconfigs", ()):

@@ -208,6 +208,33 @@ def test_t5_uses_in_kernel_relative_bias(gated):
     )
 
 
+def test_t5_builds_no_dense_position_bias_and_buckets_once_per_stack(monkeypatch):
+    """HF's layer 0 builds its stack's dense (1, H, Lq, Lk) bias (compute_bias: buckets of every pair, a
+    table lookup) that the fused kernel never reads: the patched model skips it, computes the buckets once
+    per stack rather than per layer, and unpatch brings compute_bias back."""
+    from transformers.models.t5 import modeling_t5
+
+    fused = sys.modules["fastlm.ops.attention"]  # the module (fastlm.ops.attention is also the function)
+    model = build(transformers.T5ForConditionalGeneration, t5_config(False))
+    patched = patched_copy(model).train()
+    dense, buckets = [], []
+    hf_bucket, our_bucket = modeling_t5.T5Attention._relative_position_bucket, fused.relative_position_bucket
+    monkeypatch.setattr(
+        modeling_t5.T5Attention,
+        "_relative_position_bucket",
+        staticmethod(lambda *a, **k: dense.append(a) or hf_bucket(*a, **k)),
+    )
+    monkeypatch.setattr(fused, "relative_position_bucket", lambda *a, **k: buckets.append(a) or our_bucket(*a, **k))
+    ids, mask = padded_batch()
+    labels = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    patched(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(dense) == 0
+    assert len(buckets) == 2  # the encoder's and the decoder's self-attention, not once per layer
+    fastlm.unpatch(patched)
+    patched(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(dense) == 2
+
+
 def test_llama_gqa_rms_norm_and_generate():
     model = build(transformers.LlamaForCausalLM, llama_config())
     patched = patched_copy(model)

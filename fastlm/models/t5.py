@@ -1,5 +1,6 @@
 """T5 on fastlm's kernels: encoder-decoder with RMSNorm (fused with the residual add), T5's relative
-position bias computed inside fastlm.attention (``rel_pos``; the first layer's table serves every layer),
+position bias computed inside fastlm.attention (``rel_pos``; the first layer's table and one bucket
+computation per forward serve every layer),
 v1.0 (ReLU) and v1.1 (gated GELU) feed-forward, a tied or untied LM head, generate() with a KV cache.
 
 Parameter names are Hugging Face's (``encoder.block.0.layer.0.SelfAttention.q.weight``, ...).
@@ -7,7 +8,7 @@ Shapes: B batch, Ls source length, Lt target length, E = d_model, H heads, D = d
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from ._common import HFConfig, activation, check_ids, check_labels, key_padding_
 from .generation import GenerationMixin, KVCache
 from .hub import PretrainedMixin
 
-__all__ = ["T5Config", "T5ForConditionalGeneration", "T5Output"]
+__all__ = ["CachedRelativePositionBias", "T5Config", "T5ForConditionalGeneration", "T5Output"]
 
 
 @dataclass
@@ -109,6 +110,35 @@ class T5Output:
     logits: torch.Tensor | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
     decoder_last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class CachedRelativePositionBias(RelativePositionBias):
+    """A RelativePositionBias that keeps the diagonal buckets of the last (Lq, Lk) it computed in ``cache``,
+    so that every layer of a T5 stack (all reading the first layer's table) shares one bucket computation.
+
+    cache: a dict, fresh by default; instances made for the same stack may share one, since its key holds
+    everything the buckets depend on (lengths, bucketing, the table's device, inference mode).
+    """
+
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def diagonal_buckets(self, Lq, Lk):
+        """(Lq + Lk - 1,) int64 buckets, as RelativePositionBias.diagonal_buckets, computed once per key."""
+        key = (
+            Lq,
+            Lk,
+            self.bidirectional,
+            self.table.shape[0],
+            self.max_distance,
+            self.table.device,
+            torch.is_inference_mode_enabled(),
+        )
+        entry = self.cache.get("entry")  # (key, buckets), stored as one item so that threads sharing it agree
+        if entry is None or entry[0] != key:
+            entry = key, super().diagonal_buckets(Lq, Lk)
+            self.cache["entry"] = entry
+        return entry[1]
 
 
 class T5Attention(nn.Module):
@@ -231,7 +261,8 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-    """The encoder or the decoder: blocks sharing block 0's relative-position table, final RMSNorm."""
+    """The encoder or the decoder: blocks sharing block 0's relative-position table (and, within one forward,
+    its buckets), final RMSNorm."""
 
     def __init__(self, config, is_decoder):
         super().__init__()
@@ -243,7 +274,7 @@ class T5Stack(nn.Module):
 
     def forward(self, x, *, mask=None, memory_kv=None, memory_mask=None, cache=None):
         """x (B, L, E) embeddings; memory_kv: per decoder layer, the cross-attention (k, v). -> (B, L, E)."""
-        rel_pos = RelativePositionBias(
+        rel_pos = CachedRelativePositionBias(
             self.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
             bidirectional=not self.is_decoder,
             max_distance=self.config.relative_attention_max_distance,
@@ -335,14 +366,16 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
 
     def encode(self, input_ids, attention_mask=None):
         """input_ids (B, Ls) -> encoder output (B, Ls, E)."""
-        check_ids(input_ids, self.config.vocab_size)
-        mask = key_padding_mask(attention_mask, input_ids.shape)
-        return self.encoder(self.shared(input_ids), mask=mask)
+        return self._encoded(input_ids, attention_mask, None)[0]
 
     def _encoded(self, input_ids, attention_mask, encoder_outputs):
-        """The encoder output (B, Ls, E): ``encoder_outputs`` when given (checked), else encode(input_ids)."""
+        """The encoder output (B, Ls, E) (``encoder_outputs`` when given, checked; else the encoder run on
+        input_ids) and its (B, Ls) key-padding mask or None, converted once for the encoder and every
+        cross-attention."""
         if encoder_outputs is None:
-            return self.encode(input_ids, attention_mask)
+            check_ids(input_ids, self.config.vocab_size)
+            mask = key_padding_mask(attention_mask, input_ids.shape)
+            return self.encoder(self.shared(input_ids), mask=mask), mask
         E = self.config.d_model
         if (
             not isinstance(encoder_outputs, torch.Tensor)
@@ -351,12 +384,27 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         ):
             shape = tuple(encoder_outputs.shape) if isinstance(encoder_outputs, torch.Tensor) else type(encoder_outputs)
             raise ValueError(f"encoder_outputs must be a tensor (B, Ls, d_model={E}) (encode()'s output), got {shape}")
-        return encoder_outputs
+        return encoder_outputs, key_padding_mask(attention_mask, encoder_outputs.shape[:2])
 
-    def _memory(self, encoded, attention_mask):
-        """Per decoder layer, the cross-attention (k, v) of the encoder output; and the (B, Ls) mask."""
-        memory_kv = [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
-        return memory_kv, key_padding_mask(attention_mask, encoded.shape[:2])
+    def _memory_kv(self, encoded):
+        """Per decoder layer, the cross-attention (k, v), each (B, H, Ls, D), of the encoder output (B, Ls, E)."""
+        return [block.layer[1].EncDecAttention.project_kv(encoded) for block in self.decoder.block]
+
+    def _decoder_input_ids(self, decoder_input_ids, labels):
+        """The decoder inputs (B, Lt), checked before any work: decoder_input_ids, or labels shifted right
+        (their ids checked; the shifted ones are then valid: the config checks its start and pad ids)."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
+            check_labels(labels, self.config.vocab_size)
+            return self.shift_right(labels)
+        check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
+        if labels is not None and tuple(labels.shape) != tuple(decoder_input_ids.shape):
+            raise ValueError(
+                f"labels must have the shape of decoder_input_ids {tuple(decoder_input_ids.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        return decoder_input_ids
 
     def _head_input(self, h):
         return h * self.config.d_model**-0.5 if self.config.scale_decoder_outputs else h
@@ -376,14 +424,9 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         decoder_attention_mask=None,
         encoder_outputs=None,
     ):
-        encoded = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("T5ForConditionalGeneration: pass decoder_input_ids or labels")
-            check_labels(labels, self.config.vocab_size)
-            decoder_input_ids = self.shift_right(labels)
-        check_ids(decoder_input_ids, self.config.vocab_size, "decoder_input_ids")
-        memory_kv, memory_mask = self._memory(encoded, attention_mask)
+        decoder_input_ids = self._decoder_input_ids(decoder_input_ids, labels)  # (B, Lt)
+        encoded, memory_mask = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E), (B, Ls)
+        memory_kv = self._memory_kv(encoded)
         h = self.decoder(
             self.shared(decoder_input_ids),
             mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"),
@@ -394,11 +437,6 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         if labels is None:
             out.logits = F.linear(self._head_input(h), self.head_weight())  # (B, Lt, V)
             return out
-        if tuple(labels.shape) != tuple(decoder_input_ids.shape):
-            raise ValueError(
-                f"labels must have the shape of decoder_input_ids {tuple(decoder_input_ids.shape)}, "
-                f"got {tuple(labels.shape)}"
-            )
         E = h.shape[-1]
         out.loss = ops.linear_cross_entropy(self._head_input(h).reshape(-1, E), self.head_weight(), labels.reshape(-1))
         return out
@@ -411,8 +449,8 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     def _start_decoding(self, input_ids, attention_mask, max_new_tokens):
         """For ``generate`` (see GenerationMixin): encode input_ids (B, Ls) (any padding), then decode from
         decoder_start_token_id with a KV cache of 1 + max_new_tokens positions."""
-        encoded = self.encode(input_ids, attention_mask)  # (B, Ls, E)
-        memory_kv, memory_mask = self._memory(encoded, attention_mask)
+        encoded, memory_mask = self._encoded(input_ids, attention_mask, None)  # (B, Ls, E), (B, Ls)
+        memory_kv = self._memory_kv(encoded)
         cache = KVCache(1 + max_new_tokens)
 
         def step(tokens):  # (B, 1) -> (B, V)

@@ -1,6 +1,8 @@
 """fastlm.models T5 against Hugging Face's eager T5ForConditionalGeneration, v1.0 and v1.1 configs (tiny
 random models, no downloads)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -89,6 +91,47 @@ def test_generate_cache_equals_full_forward():
     for t in range(1, out.shape[1]):
         full = model(src, src_mask, decoder_input_ids=out[:, :t]).logits[:, -1]
         assert torch.equal(full.argmax(-1), out[:, t])
+
+
+def count_calls(monkeypatch, module, name):
+    """Record each call of ``module.name`` (still calling it) in the returned list."""
+    seen, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        seen.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return seen
+
+
+def test_relative_position_buckets_once_per_stack_and_forward(monkeypatch):
+    """Every layer reads layer 0's table with the same lengths: one bucket computation per stack and forward
+    serves them all (it was one per layer)."""
+    buckets = count_calls(monkeypatch, importlib.import_module("fastlm.ops.attention"), "relative_position_bucket")
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V, num_layers=3)).train()
+    src, src_mask, labels = batch()
+    model(src, src_mask, labels=labels).loss.backward()
+    assert len(buckets) == 2  # the encoder's and the decoder's self-attention
+    model.generate(src, src_mask, max_new_tokens=3, eos_token_id=None)
+    assert len(buckets) == 2 + 1 + 3  # the encoder, then one per decoding step
+
+
+def test_inputs_checked_and_mask_converted_once_before_the_encoder(monkeypatch):
+    """One forward converts the attention mask once for the encoder and every cross-attention (it was
+    twice, the second time after the encoder), does not re-check the decoder inputs it shifts from checked
+    labels, and refuses bad decoder inputs before any encoder work."""
+    t5 = importlib.import_module("fastlm.models.t5")
+    masks, ids = count_calls(monkeypatch, t5, "key_padding_mask"), count_calls(monkeypatch, t5, "check_ids")
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V))
+    src, src_mask, labels = batch()
+    model(src, src_mask, labels=labels)
+    assert sum(args[0] is not None for args in masks) == 1
+    assert len(ids) == 1  # input_ids (labels go through check_labels)
+    encoder = count_calls(monkeypatch, model.encoder, "forward")
+    with pytest.raises(ValueError, match="labels must have the shape of decoder_input_ids"):
+        model(src, src_mask, decoder_input_ids=model.shift_right(labels)[:, :-1], labels=labels)
+    assert not encoder
 
 
 def assert_same_logits(model, hf, src_batch):
