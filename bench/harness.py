@@ -369,13 +369,19 @@ def _peak(timed, group, impl):
     return match[0].peak_mem_mb or 0 if match else 0
 
 
+def _tick(op, shape, dtype):
+    """An x tick label: the op, the shape's name and its sizes on lines of their own, the dtype."""
+    name, _, sizes = shape.partition(" ")
+    return "\n".join(filter(None, (op, name, sizes, dtype)))
+
+
 def _bars(ax, groups, impls, value):
     """One bar per implementation in each group, of height value(group, impl)."""
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         xs = [g + (k - (len(impls) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [value(group, impl) for group in groups], width, label=impl)
-    ax.set_xticks(range(len(groups)), [f"{op}\n{shape}\n{dtype}" for op, shape, dtype in groups], fontsize=7)
+    ax.set_xticks(range(len(groups)), [_tick(*group) for group in groups], fontsize=7)
 
 
 def plot(path, title, rows, baselines=(None,), notes=()):
@@ -402,7 +408,7 @@ def plot(path, title, rows, baselines=(None,), notes=()):
     fig.suptitle(title + " — forward+backward")
     if notes:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, family="monospace", va="bottom")
-    fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
+    fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
