@@ -103,13 +103,14 @@ def test_models_run_with_default_dropout_and_without():
         "t5 64->16 b2 dropout 0.1",
         "t5 64->16 b2 dropout 0",
     ]
-    for case in cases[:2]:
+    for case in cases:
         p = 0.1 if case.name.endswith("0.1") else 0.0
         hf = bench_models._hf_model(case, "eager")
         ours = case.fastlm_cls.from_pretrained(hf)
         for model in (hf, ours):
-            assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {p}
-        assert {m.dropout_p for m in ours.modules() if hasattr(m, "dropout_p")} == {p}
+            assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {p}, case.name
+        attention_p = {getattr(m, a) for m in ours.modules() for a in ("dropout_p", "attn_pdrop") if hasattr(m, a)}
+        assert attention_p == {p}, case.name
 
 
 def test_bert_batches_are_padded():
