@@ -168,11 +168,16 @@ def run(case, device, reps):
     hf_sdpa.load_state_dict(hf_eager.state_dict())
     models["hf-sdpa"] = hf_sdpa
     batch = case.batch(device)
+    steps = {
+        impl: _train_step(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda"), batch, autocast
+        )
+        for impl, model in models.items()
+    }
+    timings = harness.time_many(steps, device, reps)  # round-robin on the CPU: a passing load hits all alike
     rows = []
-    for impl, model in models.items():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        step = _train_step(model, optimizer, batch, autocast)
-        median, p20, p80 = harness.time_ms(step, device, reps)
+    for impl, step in steps.items():
+        median, p20, p80 = timings[impl]
         peak = harness.peak_memory_mb(step, device)
         ran = _attention_backends(step) if impl == "fastlm" else ""
         rows.append(
@@ -191,7 +196,6 @@ def run(case, device, reps):
                 note="; ".join(filter(None, ("forward + backward + AdamW", case.note, ran))),
             )
         )
-        del optimizer, step
     base = next(r for r in rows if r.impl == "hf-eager").median_ms
     for r in rows:
         r.speedup = base / r.median_ms

@@ -110,26 +110,38 @@ def _sync(device):
 
 
 def time_ms(fn, device, reps, budget_s=2.0, rep_ms=100):
-    """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench over about
-    `rep_ms` milliseconds of calls, flushing L2 between calls; on the CPU: wall clock of up to `reps`
-    calls after a warm-up call, fewer (at least 3) when one call takes long enough that `reps` would
-    exceed `budget_s`."""
+    """(median, 20th, 80th percentile) milliseconds of fn(): time_many of fn alone."""
+    return time_many({"fn": fn}, device, reps, budget_s, rep_ms)["fn"]
+
+
+def _quantiles(times):
+    """(median, 20th, 80th percentile) of a list of milliseconds."""
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def time_many(fns, device, reps, budget_s=2.0, rep_ms=100):
+    """{name: (median, 20th, 80th percentile) milliseconds} of each fn() of `fns` (name -> fn). On a GPU:
+    triton's do_bench of each in turn over about `rep_ms` milliseconds of calls, flushing L2 between calls.
+    On the CPU: wall clock, round-robin, one call of each per round after a warm-up call of each, so that
+    a load coming and going on a shared machine weighs on every fn alike; up to `reps` rounds, fewer (at
+    least 3) when the slowest fn would take more than `budget_s`."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms)
-        return median, p20, p80
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    reps = max(3, min(reps, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(reps):
+        return {name: tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms)) for name, fn in fns.items()}
+    slowest = 1e-9
+    for fn in fns.values():
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+        slowest = max(slowest, time.perf_counter() - start)
+    times = {name: [] for name in fns}
+    for _ in range(max(3, min(reps, int(budget_s / slowest)))):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _quantiles(t) for name, t in times.items()}
 
 
 def _allocator_peak_bytes(fn):
@@ -279,10 +291,13 @@ def run_case(case, device, reps, ceiling, rep_ms=100):
 
         return {"fwd": forward, "bwd": backward, "fwd+bwd": both}
 
-    for name, (fn, grad) in outputs.items():
-        fns = modes(fn, grad)
+    fns = {name: modes(fn, grad) for name, (fn, grad) in outputs.items()}
+    timings = {
+        mode: time_many({name: f[mode] for name, f in fns.items()}, device, reps, rep_ms=rep_ms) for mode in MODES
+    }
+    for name in fns:
         for mode in MODES:
-            median, p20, p80 = time_ms(fns[mode], device, reps, rep_ms=rep_ms)
+            median, p20, p80 = timings[mode][name]
             throughput = case.work[mode] / median / 1e6 if case.unit == "GB/s" else case.work[mode] / median / 1e9
             ceiling_value = ceiling["copy_gbps"] if case.unit == "GB/s" else ceiling["matmul_tflops"]
             rows.append(
@@ -303,7 +318,7 @@ def run_case(case, device, reps, ceiling, rep_ms=100):
             )
         _sync(device)
         _clear_grads(tensors)  # the call allocates its gradients anew: they count, the previous ones do not
-        peak = peak_memory_mb(fns["fwd+bwd"], device)
+        peak = peak_memory_mb(fns[name]["fwd+bwd"], device)
         for row in rows[-len(MODES) :]:
             row.peak_mem_mb = peak
     reference = {r.mode: r.median_ms for r in rows if r.impl == case.reference}

@@ -36,6 +36,15 @@ def test_cpu_peak_memory_is_the_calls_own_allocations():
     assert before.sum() > 0
 
 
+def test_cpu_timing_is_round_robin():
+    """One call of each fn per round, after a warm-up round: a load that comes and goes weighs on all alike."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    timings = harness.time_many(fns, CPU, reps=4)
+    assert calls == ["a", "b"] * 5
+    assert set(timings) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in timings.values())
+
+
 def test_sdpa_flash_runs_the_cpu_flash_kernel_with_a_padding_mask():
     (case,) = bench_attention.cases(CPU, keep=lambda shape, dtype: shape.startswith("bert-pad"))
     assert "sdpa flash" in case.impls and "sdpa flash" not in case.absent
