@@ -122,6 +122,11 @@ def test_models_run_with_default_dropout_and_without():
         assert attention_p == {p}, case.name
 
 
+def test_gpu_models_run_with_default_dropout_only():
+    names = [c.name for c in bench_models.cases(torch.device("cuda"), quick=False)]
+    assert names == ["bert s128 b32 dropout 0.1", "gpt2 s1024 b8 dropout 0.1", "t5 512->114 b16 dropout 0.1"]
+
+
 def test_bert_batches_are_padded():
     case = bench_models.cases(CPU, quick=False)[0]  # bert s128 b8
     batch = case.batch(CPU)
