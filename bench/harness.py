@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -385,9 +386,9 @@ def _peak(timed, group, impl):
 
 
 def _tick(op, shape, dtype):
-    """An x tick label: the op, the shape's name and its sizes on lines of their own, the dtype."""
+    """An x tick label: the op, the shape's name, its sizes wrapped at 12 characters, the dtype."""
     name, _, sizes = shape.partition(" ")
-    return "\n".join(filter(None, (op, name, sizes, dtype)))
+    return "\n".join([op, name, *textwrap.wrap(sizes, 12), dtype])
 
 
 def _bars(ax, groups, impls, value):
