@@ -77,6 +77,12 @@ def _op_cases(ops, device, args):
     return cases
 
 
+def _summary(op, rows):
+    """The lines of the op module's `summary(rows)` (the ratios its cases are read for), if it has one."""
+    module = importlib.import_module(f".bench_{op}", __package__)
+    return module.summary(rows) if hasattr(module, "summary") else []
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from tqdm import tqdm
@@ -127,10 +133,13 @@ def main(argv=None):
             rows.extend(harness.run_case(case, device, reps, ceiling, rep_ms=args.rep_ms))
         print()
         harness.print_table(rows)
+        summary = _summary(op, rows)
+        for line in summary:
+            print(line)
         json_path = args.out / f"{op}-{slug}.json"
         png_path = args.out / f"{op}-{slug}.png"
-        harness.write_json(json_path, meta, ceiling, rows)
-        harness.plot(png_path, f"fastlm {op} on {meta['device']}", rows)
+        harness.write_json(json_path, meta, ceiling, rows, summary)
+        harness.plot(png_path, f"fastlm {op} on {meta['device']}", rows, notes=summary)
         print(f"wrote {json_path} and {png_path}")
         written.append(json_path)
     full_run = device.type == "cuda" and not args.quick and args.out == harness.RESULTS

@@ -5,8 +5,10 @@ Peers: the materialising PyTorch reference (eager, the speedup baseline, and tor
 each backend it can run on the case (flash, efficient, cudnn, math), FlexAttention (score_mod for the
 T5 bias, a block mask for padding and causal), Hugging Face's eager T5 attention
 (T5Attention.compute_bias + eager_attention_forward) and flash-attn when installed; a peer that cannot
-run a case is reported absent with the reason. TFLOP/s counts 4·B·H·Lq·Lk·D for forward, 2.5× that
-for backward, half of it when causal.
+run a case is reported absent with the reason, and so is an SDPA backend that ran some other kernel than
+its own. TFLOP/s counts 4·B·H·Lq·Lk·D for forward, 2.5× that for backward, half of it when causal. Padded
+cases pad about 45 % of the keys (seeded random lengths, as in BERT's training batches). `summary(rows)`
+gives the ratios the CPU cases are read for.
 """
 
 import importlib.util
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm.ops.attention import ATTENTION, RelativePositionBias, attention_reference
 
+from . import harness
 from .harness import Case
 
 # (label, B, H, Lq, Lk, D, causal, padding, T5 bias)
@@ -35,6 +38,7 @@ CPU_SHAPES = [
     ("bert-pad", 4, 4, 128, 128, 64, False, True, False),
     ("gpt-causal", 4, 4, 128, 128, 64, True, False, False),
     ("t5-relpos", 4, 4, 128, 128, 64, False, True, True),
+    ("long-causal", 1, 8, 2048, 2048, 64, True, False, False),
 ]
 QUICK_SHAPES = [("t5-relpos", 1, 2, 32, 32, 16, False, True, True)]
 HEADLINE = {
@@ -43,7 +47,22 @@ HEADLINE = {
     "t5-base-relpos 16x12x512x512x64",
     "long-causal 2x16x4096x4096x128",
 }
-SDPA_BACKENDS = ("flash_attention", "efficient_attention", "cudnn_attention", "math")
+# SDPA backend -> the aten op (prefix) that runs when SDPA takes it; any other op means it fell back.
+SDPA_BACKENDS = {
+    "flash_attention": "aten::_scaled_dot_product_flash_attention",
+    "efficient_attention": "aten::_scaled_dot_product_efficient_attention",
+    "cudnn_attention": "aten::_scaled_dot_product_cudnn_attention",
+    "math": "aten::_scaled_dot_product_attention_math",
+}
+# (CPU case label, implementation, baseline, the least speedup over the baseline the fastlm cpu kernel aims at)
+TARGETS = [
+    ("bert-pad", "fastlm cpu", "sdpa flash", 1.0),
+    ("gpt-causal", "fastlm cpu", "sdpa flash", 1.0),
+    ("t5-relpos", "fastlm cpu", "torch eager", 2.0),
+    ("t5-relpos", "fastlm cpu", "torch.compile eager", 1.3),
+    ("long-causal", "fastlm cpu", "sdpa flash", 1.0),
+]
+MEMORY_TARGET = "long-causal"  # its peak memory growth per implementation goes into the summary
 
 
 def _fastlm_backends(device):
@@ -86,6 +105,8 @@ def _impls(device, causal, rel_pos):
         impls[f"fastlm {backend}"] = ours(backend)
     if device.type == "cpu":
         absent["fastlm triton"] = "Triton runs CPU tensors only through its interpreter (not timed)"
+        if "fastlm cpu" not in impls:
+            absent["fastlm cpu"] = ATTENTION.lacks("cpu", "attention", torch.float32) or "the extension is not built"
 
     def reference(q, k, v, mask, table):  # plain PyTorch in the input dtype, as users write it
         rp = None if table is None else RelativePositionBias(table, bidirectional)
@@ -108,7 +129,7 @@ def _impls(device, causal, rel_pos):
         return run
 
     for backend in SDPA_BACKENDS:
-        impls[f"sdpa {backend.split('_')[0]}"] = sdpa(backend)
+        impls[_sdpa_name(backend)] = sdpa(backend)
 
     if device.type == "cuda":
         impls["flex_attention"] = _flex(causal, rel_pos, bidirectional)
@@ -132,6 +153,11 @@ def _impls(device, causal, rel_pos):
 
         impls["flash-attn"] = flash
     return impls, absent
+
+
+def _sdpa_name(backend):
+    """The implementation name of an SDPA backend: "sdpa flash" for "flash_attention"."""
+    return f"sdpa {backend.split('_')[0]}"
 
 
 def _flex(causal, rel_pos, bidirectional):
@@ -188,12 +214,30 @@ def _hf_t5(causal):
     return run
 
 
+def _ops_run(fn):
+    """The names of the aten ops that fn() ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def _fallback(name, ops):
+    """Why SDPA backend `name` does not stand for its kernel, given the ops one call ran; None if it ran it."""
+    expected = next((op for backend, op in SDPA_BACKENDS.items() if _sdpa_name(backend) == name), None)
+    if expected is None or any(op.startswith(expected) for op in ops):
+        return None
+    ran = sorted(op for op in ops if op.startswith("aten::_scaled_dot_product"))
+    return f"fell back: ran {', '.join(ran) or 'no SDPA kernel'} instead of {expected}"
+
+
 def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
     """Run each peer that may refuse a case (SDPA's backends, FlexAttention, flash-attn) forward+backward on a
-    tiny version of it; move refusals to absent."""
+    tiny version of it; move refusals, and SDPA backends that ran another kernel than their own, to absent."""
     B, H, L = 2, 2, 64
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    mask = torch.arange(L, device=device)[None, :] < torch.tensor([[L // 2], [L]], device=device) if pad else None
+    mask = harness.padding_mask(B, L, device=device) if pad else None
     table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
     for name, fn in list(impls.items()):
         if name.startswith(("fastlm", "torch", "hf")):
@@ -201,9 +245,11 @@ def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SDPA explains its refusals as warnings, then raises
-                fn(q, k, v, mask, table).sum().backward()
+                why = _fallback(name, _ops_run(lambda fn=fn: fn(q, k, v, mask, table).sum().backward()))
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            absent[name] = str(err).strip().splitlines()[0][:100]
+            why = str(err).strip().splitlines()[0][:100]
+        if why is not None:
+            absent[name] = why
             del impls[name]
 
 
@@ -213,18 +259,15 @@ def cases(device, quick=False, keep=None):
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     result = []
     for label, B, H, Lq, Lk, D, causal, pad, rel_pos in shapes:
-        shape = f"{label} {B}x{H}x{Lq}x{Lk}x{D}"
+        shape = _shape(label, B, H, Lq, Lk, D)
         if keep is not None and not keep(shape, dtype):
             continue
+        mask = harness.padding_mask(B, Lk, device=device) if pad else None  # (B, Lk), BERT-style right padding
 
-        def inputs(B=B, H=H, Lq=Lq, Lk=Lk, D=D, pad=pad, rel_pos=rel_pos):
+        def inputs(B=B, H=H, Lq=Lq, Lk=Lk, D=D, mask=mask, rel_pos=rel_pos):
             q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, requires_grad=True)
             k = torch.randn(B, H, Lk, D, device=device, dtype=dtype, requires_grad=True)
             v = torch.randn(B, H, Lk, D, device=device, dtype=dtype, requires_grad=True)
-            mask = None
-            if pad:  # BERT-style right padding, lengths between half and all of Lk
-                lengths = torch.randint(Lk // 2, Lk + 1, (B, 1), device=device)
-                mask = torch.arange(Lk, device=device)[None, :] < lengths  # (B, Lk)
             table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
             return q, k, v, mask, table
 
@@ -242,6 +285,30 @@ def cases(device, quick=False, keep=None):
                 work={"fwd": flops, "bwd": 2.5 * flops, "fwd+bwd": 3.5 * flops},
                 unit="TFLOP/s",
                 absent=absent,
+                note=harness.padding_note(mask) if pad else "",
             )
         )
     return result
+
+
+def _shape(label, B, H, Lq, Lk, D):
+    return f"{label} {B}x{H}x{Lq}x{Lk}x{D}"
+
+
+def summary(rows):
+    """Lines giving, for the CPU cases among `rows` (fwd+bwd), each speedup of TARGETS with its target, and
+    the peak memory growth of every implementation on the long causal case."""
+    shapes = {entry[0]: _shape(*entry[:6]) for entry in CPU_SHAPES}
+    present = {r.shape for r in rows}
+    lines = []
+    for label, impl, baseline, target in TARGETS:
+        if shapes[label] not in present:
+            continue
+        speedup = harness.ratio(rows, shapes[label], impl, baseline)
+        measured = "not timed" if speedup is None else f"{speedup:.2f}×"
+        lines.append(f"{shapes[label]}: {impl} over {baseline} {measured} (target ≥ {target}×)")
+    peaks = [r for r in rows if r.shape == shapes[MEMORY_TARGET] and r.mode == "fwd+bwd" and r.peak_mem_mb is not None]
+    if peaks:
+        listed = ", ".join(f"{r.impl} {r.peak_mem_mb:.0f}" for r in peaks)
+        lines.append(f"{shapes[MEMORY_TARGET]}: peak memory growth, MB: {listed}")
+    return lines

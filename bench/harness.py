@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Case:
     work: dict
     unit: str = "GB/s"
     absent: dict = field(default_factory=dict)  # peer name -> why it was not run
+    note: str = ""  # said on every timed row of the case (e.g. how much of a padded batch is padding)
 
 
 @dataclass
@@ -80,44 +82,88 @@ class ShapeFilter:
         return sorted(self.wanted - self.offered)
 
 
+def padding_mask(batch, length, seed=0, device="cpu"):
+    """(batch, length) bool, True = a token, False = padding on the right: seeded random lengths, one
+    draw in each of `batch` equal strata between a tenth of `length` and all of it, so that about 45 %
+    of the positions are padding, as in BERT's training batches."""
+    generator = torch.Generator().manual_seed(seed)
+    strata = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch  # (batch,) in [0, 1)
+    lengths = (length * (0.1 + 0.9 * strata)).long().clamp(1, length)
+    lengths = lengths[torch.randperm(batch, generator=generator)]
+    return (torch.arange(length)[None, :] < lengths[:, None]).to(device)  # (batch, length)
+
+
+def padding_note(mask):
+    """'padding N %' of a (batch, length) bool mask (True = token)."""
+    return f"padding {100 * (1 - mask.float().mean().item()):.0f} %"
+
+
+def ratio(rows, shape, impl, baseline, mode="fwd+bwd"):
+    """How many times faster `impl` ran than `baseline` on `shape` in `mode` (the baseline's median time
+    over impl's); None when either was not timed."""
+    times = {r.impl: r.median_ms for r in rows if r.shape == shape and r.mode == mode and r.median_ms is not None}
+    return times[baseline] / times[impl] if impl in times and baseline in times else None
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def time_ms(fn, device, reps, budget_s=2.0, rep_ms=100):
-    """(median, 20th, 80th percentile) milliseconds of fn(). On a GPU: triton's do_bench over about
-    `rep_ms` milliseconds of calls, flushing L2 between calls; on the CPU: wall clock of up to `reps`
-    calls after a warm-up call, fewer (at least 3) when one call takes long enough that `reps` would
-    exceed `budget_s`."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+    """(median, 20th, 80th percentile) milliseconds of fn(): time_many of fn alone."""
+    return time_many({"fn": fn}, device, reps, budget_s, rep_ms)["fn"]
 
-        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms)
-        return median, p20, p80
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    reps = max(3, min(reps, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+
+def _quantiles(times):
+    """(median, 20th, 80th percentile) of a list of milliseconds."""
     q = statistics.quantiles(times, n=10, method="inclusive")
     return statistics.median(times), q[1], q[7]
 
 
-def _rss_kb(field_name):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
+def time_many(fns, device, reps, budget_s=2.0, rep_ms=100):
+    """{name: (median, 20th, 80th percentile) milliseconds} of each fn() of `fns` (name -> fn). On a GPU:
+    triton's do_bench of each in turn over about `rep_ms` milliseconds of calls, flushing L2 between calls.
+    On the CPU: wall clock, round-robin, one call of each per round after a warm-up call of each, so that
+    a load coming and going on a shared machine weighs on every fn alike; up to `reps` rounds, fewer (at
+    least 3) when the slowest fn would take more than `budget_s`."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return {name: tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=rep_ms)) for name, fn in fns.items()}
+    slowest = 1e-9
+    for fn in fns.values():
+        start = time.perf_counter()
+        fn()
+        slowest = max(slowest, time.perf_counter() - start)
+    times = {name: [] for name in fns}
+    for _ in range(max(3, min(reps, int(budget_s / slowest)))):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _quantiles(t) for name, t in times.items()}
+
+
+def _allocator_peak_bytes(fn):
+    """Peak of the bytes allocated and not yet freed through PyTorch's CPU allocator while fn() runs,
+    from the profiler's memory events (every allocation and free, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
 
 
 def peak_memory_mb(fn, device):
-    """Growth of peak memory while fn() runs: CUDA allocator peak on a GPU, the process's peak resident
-    set (VmHWM, reset through /proc/self/clear_refs) on the CPU. None where it cannot be measured."""
+    """Growth of peak memory while fn() runs, over what was allocated before: the CUDA allocator's peak
+    on a GPU, the peak of tensor memory allocated by PyTorch's CPU allocator (measured by the profiler,
+    exact whatever malloc keeps cached) on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -125,13 +171,7 @@ def peak_memory_mb(fn, device):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        base = _rss_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        fn()
-        return max(0, _rss_kb("VmHWM") - base) / 1024
-    except (OSError, RuntimeError):
-        return None
+    return _allocator_peak_bytes(fn) / 2**20
 
 
 def ceilings(device):
@@ -252,10 +292,13 @@ def run_case(case, device, reps, ceiling, rep_ms=100):
 
         return {"fwd": forward, "bwd": backward, "fwd+bwd": both}
 
-    for name, (fn, grad) in outputs.items():
-        fns = modes(fn, grad)
+    fns = {name: modes(fn, grad) for name, (fn, grad) in outputs.items()}
+    timings = {
+        mode: time_many({name: f[mode] for name, f in fns.items()}, device, reps, rep_ms=rep_ms) for mode in MODES
+    }
+    for name in fns:
         for mode in MODES:
-            median, p20, p80 = time_ms(fns[mode], device, reps, rep_ms=rep_ms)
+            median, p20, p80 = timings[mode][name]
             throughput = case.work[mode] / median / 1e6 if case.unit == "GB/s" else case.work[mode] / median / 1e9
             ceiling_value = ceiling["copy_gbps"] if case.unit == "GB/s" else ceiling["matmul_tflops"]
             rows.append(
@@ -271,10 +314,12 @@ def run_case(case, device, reps, ceiling, rep_ms=100):
                     throughput,
                     case.unit,
                     100 * throughput / ceiling_value,
+                    note=case.note,
                 )
             )
         _sync(device)
-        peak = peak_memory_mb(fns["fwd+bwd"], device)
+        _clear_grads(tensors)  # the call allocates its gradients anew: they count, the previous ones do not
+        peak = peak_memory_mb(fns[name]["fwd+bwd"], device)
         for row in rows[-len(MODES) :]:
             row.peak_mem_mb = peak
     reference = {r.mode: r.median_ms for r in rows if r.impl == case.reference}
@@ -312,18 +357,53 @@ def print_table(rows, file=None):
         print(
             f"{r.op:<12} {r.shape:<28} {r.dtype:<9} {r.impl:<26} {r.mode:<8} {r.median_ms:>10.3f} "
             f"{f'[{r.p20_ms:.3f}, {r.p80_ms:.3f}]':>18} {r.throughput:>9.1f} {r.unit:<4} "
-            f"{r.pct_of_ceiling:>5.0f}% {r.speedup:>7.2f}× {peak:>8}",
+            f"{r.pct_of_ceiling:>5.0f}% {r.speedup:>7.2f}× {peak:>8}  {r.note}".rstrip(),
             file=file,
         )
 
 
-def write_json(path, meta, ceiling, rows):
+def write_json(path, meta, ceiling, rows, summary=()):
+    """The results file: metadata, ceilings, every row, and the summary lines (the ratios a run is read for)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "ceilings": ceiling, "rows": [asdict(r) for r in rows]}, indent=1))
+    record = {"meta": meta, "ceilings": ceiling, "rows": [asdict(r) for r in rows], "summary": list(summary)}
+    path.write_text(json.dumps(record, indent=1))
 
 
-def plot(path, title, rows):
-    """Speedup over the reference per shape and implementation (forward+backward), and peak memory."""
+def _speedup(timed, group, impl, baseline):
+    """The fwd+bwd speedup of `impl` in `group` (op, shape, dtype): over the case's reference when
+    `baseline` is None, else over `baseline`; 0 when not timed."""
+    match = [r for r in timed if (r.op, r.shape, r.dtype) == group and r.impl == impl]
+    if not match:
+        return 0
+    if baseline is None:
+        return match[0].speedup or 0
+    return ratio(timed, group[1], impl, baseline) or 0
+
+
+def _peak(timed, group, impl):
+    match = [r for r in timed if (r.op, r.shape, r.dtype) == group and r.impl == impl]
+    return match[0].peak_mem_mb or 0 if match else 0
+
+
+def _tick(op, shape, dtype):
+    """An x tick label: the op, the shape's name, its sizes wrapped at 12 characters, the dtype."""
+    name, _, sizes = shape.partition(" ")
+    return "\n".join([op, name, *textwrap.wrap(sizes, 12), dtype])
+
+
+def _bars(ax, groups, impls, value):
+    """One bar per implementation in each group, of height value(group, impl)."""
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        xs = [g + (k - (len(impls) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [value(group, impl) for group in groups], width, label=impl)
+    ax.set_xticks(range(len(groups)), [_tick(*group) for group in groups], fontsize=7)
+
+
+def plot(path, title, rows, baselines=(None,), notes=()):
+    """Forward+backward speedups (one panel per entry of `baselines`: None = over the case's reference, else
+    over that implementation) per shape and implementation, peak memory growth, and `notes` (lines of
+    text) under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,26 +412,19 @@ def plot(path, title, rows):
     timed = [r for r in rows if r.mode == "fwd+bwd" and r.median_ms is not None]
     groups = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in timed))
     impls = list(dict.fromkeys(r.impl for r in timed))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(groups) + 4), 4.8))
-    width = 0.8 / max(1, len(impls))
-    for metric, ax, label in (
-        ("speedup", axes[0], "speedup over reference (×, higher is better)"),
-        ("peak_mem_mb", axes[1], "peak memory growth, MB (lower is better)"),
-    ):
-        for k, impl in enumerate(impls):
-            values = []
-            for group in groups:
-                match = [r for r in timed if (r.op, r.shape, r.dtype) == group and r.impl == impl]
-                values.append(getattr(match[0], metric) or 0 if match else 0)
-            xs = [g + (k - (len(impls) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, values, width, label=impl)
-        ax.set_xticks(range(len(groups)), [f"{op}\n{shape}\n{dtype}" for op, shape, dtype in groups], fontsize=7)
-        ax.set_ylabel(label)
-        if metric == "speedup":
-            ax.axhline(1.0, color="black", linewidth=0.8)
+    panels = len(baselines) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(panels * max(5, 0.8 * len(groups) + 2), 4.8 + 0.2 * len(notes)))
+    for ax, baseline in zip(axes, baselines, strict=False):
+        _bars(ax, groups, impls, lambda group, impl, baseline=baseline: _speedup(timed, group, impl, baseline))
+        ax.set_ylabel(f"speedup over {baseline or 'reference'} (×, higher is better)")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    _bars(axes[-1], groups, impls, lambda group, impl: _peak(timed, group, impl))
+    axes[-1].set_ylabel("peak memory growth, MB (lower is better)")
     axes[0].legend(fontsize=7)
     fig.suptitle(title + " — forward+backward")
-    fig.tight_layout()
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, family="monospace", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -67,3 +67,11 @@ def test_shapes_select_cases():
     cases = _op_cases(["norms", "cross_entropy"], torch.device("cpu"), args)
     assert [(c.op, c.shape) for c in cases["norms"]] == [("layer_norm", "256x768"), ("rms_norm", "256x768")]
     assert cases["cross_entropy"] == []
+
+
+def test_cpu_attention_has_the_long_causal_case_with_its_peers():
+    """The long causal row on the CPU, selected by its label, with the peers its summary compares."""
+    args = parse_args(["--ops", "attention", "--shapes", "long-causal 1x8x2048x2048x64", "--device", "cpu"])
+    (case,) = _op_cases(["attention"], torch.device("cpu"), args)["attention"]
+    assert {"torch eager", "torch.compile eager", "sdpa flash"} <= set(case.impls)
+    assert ("fastlm cpu" in case.impls) != ("fastlm cpu" in case.absent)
