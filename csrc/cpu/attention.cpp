@@ -18,6 +18,7 @@
 // and key blocks above the causal diagonal.
 #include "cpu/attention.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "cuda/philox.cuh"
@@ -44,7 +46,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kBlockQ = 64;  // queries per forward task and per backward step
 constexpr int64_t kBlockK = 64;  // keys per step, a multiple of kW; also the row stride of score tiles
-constexpr int kTileRows = 4;     // micro-kernel: rows of C per tile
+constexpr int kTileRows = 6;     // micro-kernel: rows of C per tile
 constexpr int kTileVecs = 2;     // micro-kernel: vectors of C per tile row
 constexpr float kInf = std::numeric_limits<float>::infinity();
 static_assert(kBlockK % kW == 0);
@@ -87,8 +89,8 @@ using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, i
 template <bool ACC, int... MR>
 constexpr TileFn<ACC> kTilesOf[2][sizeof...(MR)] = {{&gemm_tile<MR, 1, ACC>...}, {&gemm_tile<MR, 2, ACC>...}};
 template <bool ACC>
-constexpr auto& kTiles = kTilesOf<ACC, 1, 2, 3, 4>;
-static_assert(kTileVecs == 2 && kTileRows == 4);
+constexpr auto& kTiles = kTilesOf<ACC, 1, 2, 3, 4, 5, 6>;
+static_assert(kTileVecs == 2 && kTileRows == 6);
 
 // C (M x N) = (ACC: +=) A (M x K) B (K x N) with A, B, C as gemm_tile takes them; N a multiple of kW.
 // Column panels of B outside, so a panel (K x kTileVecs vectors) stays in L1 while the rows sweep it.
@@ -340,13 +342,49 @@ uint64_t dropout_offset(const AttentionParams& p, int64_t b, int64_t h, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Scratch memory: from torch's allocator, taken by the calling thread (so that memory profilers count it)
+// ---------------------------------------------------------------------------------------------------
+
+at::Tensor float_buffer(int64_t n) { return at::empty({n}, at::TensorOptions().dtype(at::kFloat)); }
+
+// Consecutive spans carved from one thread's scratch.
+struct Carve {
+  float* next;
+  std::span<float> operator()(int64_t n) {
+    const std::span<float> span(next, static_cast<size_t>(n));
+    next += n;
+    return span;
+  }
+};
+
+// Scratch of type S (whose floats(...) is its size, built from a Carve and the same arguments) for every
+// thread of the parallel regions that follow; mine() is the calling thread's.
+template <typename S>
+class ThreadScratch {
+ public:
+  template <typename... Args>
+  explicit ThreadScratch(const Args&... args)
+      : size_(S::floats(args...)), buffer_(float_buffer(at::get_num_threads() * size_)) {}
+  template <typename... Args>
+  S mine(const Args&... args) const {
+    return S(Carve{buffer_.data_ptr<float>() + at::get_thread_num() * size_}, args...);
+  }
+
+ private:
+  int64_t size_;
+  at::Tensor buffer_;
+};
+
+// ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
 
 struct ForwardScratch {
-  explicit ForwardScratch(int64_t Dp)
-      : q(kBlockQ * Dp), o(kBlockQ * Dp), S(kBlockQ * kBlockK), m(kBlockQ), l(kBlockQ) {}
-  std::vector<float> q, o, S, m, l;
+  static int64_t floats(int64_t Dp) { return 2 * kBlockQ * Dp + kBlockQ * kBlockK + 2 * kBlockQ; }
+  ForwardScratch(Carve carve, int64_t Dp)
+      : q(carve(kBlockQ * Dp)), o(carve(kBlockQ * Dp)), S(carve(kBlockQ * kBlockK)), m(carve(kBlockQ)),
+        l(carve(kBlockQ)) {}
+  std::span<float> q, o, S, m, l;
 };
 
 // One block of queries [i0, i0 + kBlockQ) of head (b, h). keys_t / values: the KV head's packed K and V.
@@ -395,21 +433,24 @@ template <typename T>
 void forward(const AttentionParams& p) {
   const Shared s = share(p);
   const int64_t kv_size = s.Lkp * s.Dp;  // floats per packed KV head
-  std::vector<float> keys_t(p.B * p.Hkv * kv_size), values(p.B * p.Hkv * kv_size);
+  const at::Tensor packed = float_buffer(2 * p.B * p.Hkv * kv_size);
+  float* keys_t = packed.data_ptr<float>();
+  float* values = keys_t + p.B * p.Hkv * kv_size;
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
-      pack_keys(head_of<T>(p.k, p.k_stride, b, h), p.k_stride[2], p, s, nullptr, keys_t.data() + bh * kv_size);
-      pack_keys(head_of<T>(p.v, p.v_stride, b, h), p.v_stride[2], p, s, values.data() + bh * kv_size, nullptr);
+      pack_keys(head_of<T>(p.k, p.k_stride, b, h), p.k_stride[2], p, s, nullptr, keys_t + bh * kv_size);
+      pack_keys(head_of<T>(p.v, p.v_stride, b, h), p.v_stride[2], p, s, values + bh * kv_size, nullptr);
     }
   });
   const int64_t blocks = (p.Lq + kBlockQ - 1) / kBlockQ;
+  const ThreadScratch<ForwardScratch> scratch(s.Dp);
   at::parallel_for(0, p.B * p.Hq * blocks, 1, [&](int64_t begin, int64_t end) {
-    ForwardScratch w(s.Dp);
+    ForwardScratch w = scratch.mine(s.Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, b = bh / p.Hq, h = bh % p.Hq;
       const int64_t kv = (b * p.Hkv + h / s.G) * kv_size;
-      forward_block<T>(p, s, b, h, (task % blocks) * kBlockQ, keys_t.data() + kv, values.data() + kv, w);
+      forward_block<T>(p, s, b, h, (task % blocks) * kBlockQ, keys_t + kv, values + kv, w);
     }
   });
 }
@@ -421,12 +462,20 @@ void forward(const AttentionParams& p) {
 // A backward task's buffers: its KV head packed (K as rows and transposed, V transposed), and for each of
 // the G query heads of the group its queries (scaled), dO, Delta, LSE and the dQ accumulator.
 struct BackwardScratch {
-  BackwardScratch(const AttentionParams& p, const Shared& s)
-      : keys(s.Lkp * s.Dp), keys_t(s.Lkp * s.Dp), values_t(s.Lkp * s.Dp), dk(kBlockK * s.Dp),
-        dv(kBlockK * s.Dp), q(s.G * p.Lq * s.Dp), dout(s.G * p.Lq * s.Dp), dq(s.G * p.Lq * s.Dp),
-        delta(s.G * p.Lq), lse(s.G * p.Lq), drel(p.table != nullptr ? s.G * (s.diagonals + kW) : 0),
-        P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), P_kept(kBlockQ * kBlockK) {}
-  std::vector<float> keys, keys_t, values_t, dk, dv, q, dout, dq, delta, lse, drel, P, dP, P_kept;
+  static int64_t rel_size(const AttentionParams& p, const Shared& s) {
+    return p.table != nullptr ? s.G * (s.diagonals + kW) : 0;
+  }
+  static int64_t floats(const AttentionParams& p, const Shared& s) {
+    return 3 * s.Lkp * s.Dp + 2 * kBlockK * s.Dp + 3 * s.G * p.Lq * s.Dp + 2 * s.G * p.Lq + rel_size(p, s) +
+           3 * kBlockQ * kBlockK;
+  }
+  BackwardScratch(Carve carve, const AttentionParams& p, const Shared& s)
+      : keys(carve(s.Lkp * s.Dp)), keys_t(carve(s.Lkp * s.Dp)), values_t(carve(s.Lkp * s.Dp)),
+        dk(carve(kBlockK * s.Dp)), dv(carve(kBlockK * s.Dp)), q(carve(s.G * p.Lq * s.Dp)),
+        dout(carve(s.G * p.Lq * s.Dp)), dq(carve(s.G * p.Lq * s.Dp)), delta(carve(s.G * p.Lq)),
+        lse(carve(s.G * p.Lq)), drel(carve(rel_size(p, s))), P(carve(kBlockQ * kBlockK)),
+        dP(carve(kBlockQ * kBlockK)), P_kept(carve(kBlockQ * kBlockK)) {}
+  std::span<float> keys, keys_t, values_t, dk, dv, q, dout, dq, delta, lse, drel, P, dP, P_kept;
 };
 
 // Head h's rows of Q (scaled), dO, Delta and its LSE (+inf for rows that saw no key, so that their P is 0)
@@ -540,8 +589,9 @@ void backward_group(const AttentionParams& p, const Shared& s, int64_t b, int64_
 template <typename T>
 void backward(const AttentionParams& p) {
   const Shared s = share(p);
+  const ThreadScratch<BackwardScratch> scratch(p, s);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    BackwardScratch w(p, s);
+    BackwardScratch w = scratch.mine(p, s);
     for (int64_t bh = begin; bh < end; ++bh) backward_group<T>(p, s, bh / p.Hkv, bh % p.Hkv, w);
   });
 }
