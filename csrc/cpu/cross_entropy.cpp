@@ -1,6 +1,7 @@
 // CPU cross-entropy row kernel: each worker thread takes a contiguous range of rows. A row is converted
 // to fp32 once (16-bit rows through a thread-local buffer; fp32 rows are used in place), then read
-// while it sits in L2: max and sum, Σ exp(x - max), and — with a gradient — exp(x - lse) written out.
+// while it sits in L2: max and sum, then Σ exp(x - max) — with a gradient, writing exp(x - max) out, so
+// that the gradient is that times scale / Σ: one exp per logit.
 #include "cpu/cross_entropy.h"
 
 #include <ATen/Parallel.h>
@@ -45,13 +46,22 @@ RowStats max_and_sum(const float* x, int64_t n) {
   return {m, s};
 }
 
-float sum_exp(const float* x, int64_t n, float shift) {
+// Σ exp(x - shift); with dst (not null) also dst = exp(x - shift).
+float sum_exp(const float* x, int64_t n, float shift, float* dst) {
   const Vec vs(shift);
   Vec acc(0.f);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) acc += (Vec::loadu(x + i) - vs).exp_u20();
+  for (; i + kW <= n; i += kW) {
+    const Vec e = (Vec::loadu(x + i) - vs).exp_u20();
+    if (dst != nullptr) e.store(dst + i);
+    acc += e;
+  }
   float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-  for (; i < n; ++i) s += std::exp(x[i] - shift);
+  for (; i < n; ++i) {
+    const float e = std::exp(x[i] - shift);
+    if (dst != nullptr) dst[i] = e;
+    s += e;
+  }
   return s;
 }
 
@@ -60,12 +70,13 @@ inline float smoothing_term(float eps, float lse, float sum_x, int64_t n) {
   return eps > 0.f ? eps * (lse - sum_x / n) : 0.f;
 }
 
-// dst = exp(x - lse) * a - b, the gradient before the label's own term.
-void softmax_grad(const float* x, float* dst, int64_t n, float lse, float a, float b) {
-  const Vec vl(lse), va(a), vb(b);
+// dst = dst * a - b in place: from dst = exp(x - max) and a = scale / Σ exp(x - max), the gradient before
+// the label's own term.
+void softmax_grad(float* dst, int64_t n, float a, float b) {
+  const Vec va(a), vb(b);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) at::vec::fmsub((Vec::loadu(x + i) - vl).exp_u20(), va, vb).store(dst + i);
-  for (; i < n; ++i) dst[i] = std::exp(x[i] - lse) * a - b;
+  for (; i + kW <= n; i += kW) at::vec::fmsub(Vec::loadu(dst + i), va, vb).store(dst + i);
+  for (; i < n; ++i) dst[i] = dst[i] * a - b;
 }
 
 template <typename T>
@@ -94,7 +105,9 @@ void forward(const CrossEntropyParams& p) {
       }
       const bool in_range = label >= 0 && label < n;
       const RowStats stats = max_and_sum(x, n);
-      const float lse = stats.max + std::log(sum_exp(x, n, stats.max));
+      float* dst = grad_row == nullptr ? nullptr : kFloat ? reinterpret_cast<float*>(grad_row) : out.data();
+      const float sum = sum_exp(x, n, stats.max, dst);
+      const float lse = stats.max + std::log(sum);
       const float target = in_range ? x[label] : kNaN;
       p.lse[r] = lse;
       p.loss[r] = (1.f - eps) * (lse - target) + smoothing_term(eps, lse, stats.sum_x, n) + z * lse * lse;
@@ -104,8 +117,7 @@ void forward(const CrossEntropyParams& p) {
         continue;
       }
       const float scale = p.scale[r];
-      float* dst = kFloat ? reinterpret_cast<float*>(grad_row) : out.data();
-      softmax_grad(x, dst, n, lse, scale * (1.f + 2.f * z * lse), scale * eps / n);
+      softmax_grad(dst, n, scale * (1.f + 2.f * z * lse) / sum, scale * eps / n);
       dst[label] -= scale * (1.f - eps);
       if constexpr (!kFloat) {
         for (int64_t i = 0; i < n; ++i) grad_row[i] = static_cast<T>(dst[i]);
