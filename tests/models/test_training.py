@@ -4,6 +4,8 @@ parameter, and an AdamW step that lowers the loss on a repeated batch."""
 import pytest
 import torch
 
+import fastlm
+from fastlm.backends import calls
 from fastlm.models import (
     BertConfig,
     BertForPreTraining,
@@ -57,3 +59,19 @@ def test_train_steps(make):
         optimizer.zero_grad()
     model.eval()
     assert model(**batch).loss.item() < before
+
+
+@pytest.mark.skipif("cpu" not in fastlm.available_backends("cpu"), reason="fastlm._C not built")
+@pytest.mark.parametrize("make", [bert, gpt, t5], ids=["bert", "gpt2", "t5"])
+def test_a_cpu_training_step_runs_on_fastlm_kernels_only(make):
+    """With the extension built, a training step (dropout on, a padded batch) runs every fused op on the cpu
+    kernels: attention, the norms and the loss; none falls back to the reference."""
+    torch.manual_seed(0)
+    model, batch = make()
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, -3:] = 0
+    before = calls.copy()
+    model.train()(**batch).loss.backward()
+    ran = {key for key, n in calls.items() if n > before[key]}
+    assert {op for op, _ in ran} >= {"attention", "layer_norm" if make is not t5 else "rms_norm"}
+    assert {backend for _, backend in ran} == {"cpu"}, sorted(ran)
