@@ -8,11 +8,13 @@
 // K (transposed, in blocks) and V are first packed to fp32 once per KV head, so every task reads them
 // unit-stride whatever the input layout and dtype. The LSE of every row is saved.
 //
-// Backward: one task per (batch, KV head): it owns the dK and dV of its keys and the dQ of the queries of
-// every head of its GQA group, so nothing is shared between tasks (no atomics) and every sum has a fixed
-// order (bit-identical reruns). For each key block, it recomputes P block by block from the LSE and
-// accumulates dV += P^T dO, dK += dS^T Q, dQ += dS K, with dS = P * (dP - Delta), Delta = rowsum(dO * O)
-// from the stored O. dbias is dS; the table gradient is summed per diagonal, then per bucket.
+// Backward: one task per (batch, KV head), or when those are fewer than the threads per chunk of its key
+// blocks: it owns the dK and dV of its keys and a partial dQ of the queries of every head of its GQA group,
+// so nothing is shared between tasks (no atomics); the partials are summed in chunk order afterwards, so
+// every sum has a fixed order (bit-identical reruns). For each key block, it recomputes P block by block
+// from the LSE and accumulates dV += P^T dO, dK += dS^T Q, dQ += dS K, with dS = P * (dP - Delta),
+// Delta = rowsum(dO * O) from the stored O. dbias is dS; the table gradient is summed per diagonal, then
+// per bucket.
 //
 // Work that cannot contribute is skipped as on the GPU: key blocks after the last kept key of a sequence
 // and key blocks above the causal diagonal.
@@ -460,22 +462,22 @@ void forward(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------------------
 
 // A backward task's buffers: its KV head packed (K as rows and transposed, V transposed), and for each of
-// the G query heads of the group its queries (scaled), dO, Delta, LSE and the dQ accumulator.
+// the G query heads of the group its queries (scaled), dO, Delta, LSE; and where its partial dQ and table
+// gradient go.
 struct BackwardScratch {
   static int64_t rel_size(const AttentionParams& p, const Shared& s) {
     return p.table != nullptr ? s.G * (s.diagonals + kW) : 0;
   }
   static int64_t floats(const AttentionParams& p, const Shared& s) {
-    return 3 * s.Lkp * s.Dp + 2 * kBlockK * s.Dp + 3 * s.G * p.Lq * s.Dp + 2 * s.G * p.Lq + rel_size(p, s) +
-           3 * kBlockQ * kBlockK;
+    return 3 * s.Lkp * s.Dp + 2 * kBlockK * s.Dp + 2 * s.G * p.Lq * s.Dp + 2 * s.G * p.Lq + 3 * kBlockQ * kBlockK;
   }
   BackwardScratch(Carve carve, const AttentionParams& p, const Shared& s)
       : keys(carve(s.Lkp * s.Dp)), keys_t(carve(s.Lkp * s.Dp)), values_t(carve(s.Lkp * s.Dp)),
         dk(carve(kBlockK * s.Dp)), dv(carve(kBlockK * s.Dp)), q(carve(s.G * p.Lq * s.Dp)),
-        dout(carve(s.G * p.Lq * s.Dp)), dq(carve(s.G * p.Lq * s.Dp)), delta(carve(s.G * p.Lq)),
-        lse(carve(s.G * p.Lq)), drel(carve(rel_size(p, s))), P(carve(kBlockQ * kBlockK)),
-        dP(carve(kBlockQ * kBlockK)), P_kept(carve(kBlockQ * kBlockK)) {}
-  std::span<float> keys, keys_t, values_t, dk, dv, q, dout, dq, delta, lse, drel, P, dP, P_kept;
+        dout(carve(s.G * p.Lq * s.Dp)), delta(carve(s.G * p.Lq)), lse(carve(s.G * p.Lq)),
+        P(carve(kBlockQ * kBlockK)), dP(carve(kBlockQ * kBlockK)), P_kept(carve(kBlockQ * kBlockK)) {}
+  std::span<float> keys, keys_t, values_t, dk, dv, q, dout, delta, lse, P, dP, P_kept;
+  std::span<float> dq, drel;  // the task's partials (backward), G * Lq * Dp and rel_size floats
 };
 
 // Head h's rows of Q (scaled), dO, Delta and its LSE (+inf for rows that saw no key, so that their P is 0)
@@ -545,10 +547,16 @@ void store_rows(const float* src, int64_t rows, const AttentionParams& p, int64_
   for (int64_t r = 0; r < rows; ++r) store_row(src + r * Dp, p.head_dim, scale, dst + r * stride);
 }
 
-// Every gradient of KV head (b, hkv) and of the query heads of its group.
+// The backward's unit of work: KV head (b, hkv) and the key blocks [first_block, last_block) of it. It writes
+// those keys' dK and dV, and the chunk's partial dQ (unscaled) and table-gradient diagonal sums of every
+// query head of the group into w.dq and w.drel.
+struct KeyChunk {
+  int64_t b, hkv, first_block, last_block;
+};
+
 template <typename T>
-void backward_group(const AttentionParams& p, const Shared& s, int64_t b, int64_t hkv, BackwardScratch& w) {
-  const int64_t Dp = s.Dp;
+void backward_chunk(const AttentionParams& p, const Shared& s, const KeyChunk& chunk, BackwardScratch& w) {
+  const int64_t Dp = s.Dp, b = chunk.b, hkv = chunk.hkv;
   pack_keys(head_of<T>(p.k, p.k_stride, b, hkv), p.k_stride[2], p, s, w.keys.data(), w.keys_t.data());
   pack_keys(head_of<T>(p.v, p.v_stride, b, hkv), p.v_stride[2], p, s, nullptr, w.values_t.data());
   for (int64_t g = 0; g < s.G; ++g) load_query_head<T>(p, s, b, hkv * s.G + g, g, w);
@@ -556,8 +564,9 @@ void backward_group(const AttentionParams& p, const Shared& s, int64_t b, int64_
   std::fill(w.drel.begin(), w.drel.end(), 0.f);
   T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
   T* dv = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
-  const int64_t end = s.key_end[b];
-  for (int64_t j0 = 0; j0 < end; j0 += kBlockK) {
+  const int64_t keys_begin = chunk.first_block * kBlockK, keys_end = std::min(chunk.last_block * kBlockK, p.Lk);
+  const int64_t end = std::clamp(s.key_end[b], keys_begin, keys_end);
+  for (int64_t j0 = keys_begin; j0 < end; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, end - j0);
     std::fill(w.dk.begin(), w.dk.end(), 0.f);
     std::fill(w.dv.begin(), w.dv.end(), 0.f);
@@ -571,28 +580,66 @@ void backward_group(const AttentionParams& p, const Shared& s, int64_t b, int64_
     store_rows(w.dk.data(), nk, p, Dp, 1.f, dk + j0 * p.dk_stride[2], p.dk_stride[2]);
     store_rows(w.dv.data(), nk, p, Dp, 1.f, dv + j0 * p.dv_stride[2], p.dv_stride[2]);
   }
-  for (int64_t j = end; j < p.Lk; ++j) {  // keys no query sees
+  for (int64_t j = end; j < keys_end; ++j) {  // keys no query sees
     std::fill_n(dk + j * p.dk_stride[2], p.head_dim, T(0.f));
     std::fill_n(dv + j * p.dv_stride[2], p.head_dim, T(0.f));
   }
+}
+
+// dQ and the table gradient of the query heads of KV head (b, hkv): the sums of its `chunks` partials
+// (dq_parts, drel_parts: the first chunk's; one chunk after the other), in chunk order.
+template <typename T>
+void finish_group(const AttentionParams& p, const Shared& s, int64_t b, int64_t hkv, int64_t chunks,
+                  const float* dq_parts, const float* drel_parts) {
+  const int64_t Dp = s.Dp, dq_size = s.G * p.Lq * Dp, drel_size = BackwardScratch::rel_size(p, s);
+  std::vector<float> sum(Dp);
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t h = hkv * s.G + g;
     T* dq = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
-    store_rows(w.dq.data() + g * p.Lq * Dp, p.Lq, p, Dp, p.scale, dq, p.dq_stride[2]);
+    for (int64_t i = 0; i < p.Lq; ++i) {
+      const int64_t row = (g * p.Lq + i) * Dp;
+      std::copy_n(dq_parts + row, Dp, sum.begin());
+      for (int64_t c = 1; c < chunks; ++c) add_row(sum.data(), dq_parts + c * dq_size + row, Dp);
+      store_row(sum.data(), p.head_dim, p.scale, dq + i * p.dq_stride[2]);
+    }
     if (p.dtable == nullptr) continue;
-    const float* drel = w.drel.data() + g * (s.diagonals + kW);
     float* dtable = p.dtable + (b * p.Hq + h) * p.num_buckets;
-    for (int64_t t = 0; t < s.diagonals; ++t) dtable[p.bucket[t]] += drel[t];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* drel = drel_parts + c * drel_size + g * (s.diagonals + kW);
+      for (int64_t t = 0; t < s.diagonals; ++t) dtable[p.bucket[t]] += drel[t];
+    }
   }
 }
 
+// Tasks: each (batch, KV head) in `chunks` chunks of its key blocks, chunks > 1 only when there are fewer
+// (batch, KV head) pairs than threads; then the reduction of the chunks' partials, in a fixed order (the
+// results are the same on every rerun with the same number of threads, and independent of it when
+// B * Hkv is at least the number of threads).
 template <typename T>
 void backward(const AttentionParams& p) {
   const Shared s = share(p);
+  const int64_t groups = p.B * p.Hkv, key_blocks = s.Lkp / kBlockK;
+  const int64_t chunks = std::clamp<int64_t>((at::get_num_threads() + groups - 1) / groups, 1, key_blocks);
+  const int64_t dq_size = s.G * p.Lq * s.Dp, drel_size = BackwardScratch::rel_size(p, s);
+  const at::Tensor partials = float_buffer(groups * chunks * (dq_size + drel_size));
+  float* dq_parts = partials.data_ptr<float>();
+  float* drel_parts = dq_parts + groups * chunks * dq_size;
   const ThreadScratch<BackwardScratch> scratch(p, s);
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardScratch w = scratch.mine(p, s);
-    for (int64_t bh = begin; bh < end; ++bh) backward_group<T>(p, s, bh / p.Hkv, bh % p.Hkv, w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / chunks, c = task % chunks;
+      w.dq = std::span<float>(dq_parts + task * dq_size, dq_size);
+      w.drel = std::span<float>(drel_parts + task * drel_size, drel_size);
+      const KeyChunk chunk{group / p.Hkv, group % p.Hkv, c * key_blocks / chunks, (c + 1) * key_blocks / chunks};
+      backward_chunk<T>(p, s, chunk, w);
+    }
+  });
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      finish_group<T>(p, s, group / p.Hkv, group % p.Hkv, chunks, dq_parts + group * chunks * dq_size,
+                      drel_parts + group * chunks * drel_size);
+    }
   });
 }
 

@@ -752,19 +752,37 @@ CPU_BLOCK_CASES = {
         "B": 2, "Hq": 2, "Hkv": 1, "Lq": 150, "Lk": 70, "D": 64, "dtype": BF16, "causal": True, "pad": True,
         "bias_shape": (2, 1, 150, 70), "bias_dtype": FP32, "rel_pos": False, "dropout_p": 0.1,
     },
+    # one (batch, KV head) pair for 4 threads: the backward splits its key blocks into chunks
+    "fp16-one-kv-head-key-chunks": {
+        "B": 1, "Hq": 3, "Hkv": 1, "Lq": 70, "Lk": 250, "D": 24, "dtype": FP16, "causal": True, "pad": "right",
+        "bias_shape": (1, 3, 70, 250), "bias_dtype": FP32, "rel_pos": True, "dropout_p": 0.2,
+    },
 }
+
+
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's intra-op threads set to n (more than the cores is fine) for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("case", list(CPU_BLOCK_CASES))
 def test_cpu_several_blocks_and_deterministic_backward(kernel, case):
     """Several query and key blocks with every feature at once (GQA, padding that cuts key blocks, causal in
-    both alignments, queries that see no key, a broadcast bias, rel_pos, dropout), under the rule; every
-    gradient (dbias reduced over the broadcast dims, the table's) is bit-identical on a rerun."""
-    torch.manual_seed(0)
-    out, grads = _run(kernel, **CPU_BLOCK_CASES[case])
-    torch.manual_seed(0)
-    again, grads_again = _run(kernel, **CPU_BLOCK_CASES[case])
+    both alignments, queries that see no key, a broadcast bias, rel_pos, dropout, a backward split into key
+    chunks), under the rule, on 4 threads; every gradient (dbias reduced over the broadcast dims, the
+    table's) is bit-identical on a rerun."""
+    with cpu_threads(4):
+        torch.manual_seed(0)
+        out, grads = _run(kernel, **CPU_BLOCK_CASES[case])
+        torch.manual_seed(0)
+        again, grads_again = _run(kernel, **CPU_BLOCK_CASES[case])
     assert set(grads) == {"q", "k", "v", "attn_bias", "table"}
     assert torch.equal(out, again)
     for name, grad in grads.items():
