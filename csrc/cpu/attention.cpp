@@ -547,11 +547,12 @@ void store_rows(const float* src, int64_t rows, const AttentionParams& p, int64_
   for (int64_t r = 0; r < rows; ++r) store_row(src + r * Dp, p.head_dim, scale, dst + r * stride);
 }
 
-// The backward's unit of work: KV head (b, hkv) and the key blocks [first_block, last_block) of it. It writes
-// those keys' dK and dV, and the chunk's partial dQ (unscaled) and table-gradient diagonal sums of every
-// query head of the group into w.dq and w.drel.
+// The backward's unit of work: KV head (b, hkv) and its key blocks first_block, first_block + stride, ...
+// (interleaved, so that chunks of a causal head get as much work each). It writes those keys' dK and dV,
+// and the chunk's partial dQ (unscaled) and table-gradient diagonal sums of every query head of the group
+// into w.dq and w.drel.
 struct KeyChunk {
-  int64_t b, hkv, first_block, last_block;
+  int64_t b, hkv, first_block, stride;
 };
 
 template <typename T>
@@ -564,10 +565,16 @@ void backward_chunk(const AttentionParams& p, const Shared& s, const KeyChunk& c
   std::fill(w.drel.begin(), w.drel.end(), 0.f);
   T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
   T* dv = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
-  const int64_t keys_begin = chunk.first_block * kBlockK, keys_end = std::min(chunk.last_block * kBlockK, p.Lk);
-  const int64_t end = std::clamp(s.key_end[b], keys_begin, keys_end);
-  for (int64_t j0 = keys_begin; j0 < end; j0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, end - j0);
+  const int64_t end = s.key_end[b];  // a multiple of kBlockK, or Lk
+  for (int64_t j0 = chunk.first_block * kBlockK; j0 < p.Lk; j0 += chunk.stride * kBlockK) {
+    const int64_t nk = std::min(kBlockK, p.Lk - j0);
+    if (j0 >= end) {  // keys no query sees
+      for (int64_t j = j0; j < j0 + nk; ++j) {
+        std::fill_n(dk + j * p.dk_stride[2], p.head_dim, T(0.f));
+        std::fill_n(dv + j * p.dv_stride[2], p.head_dim, T(0.f));
+      }
+      continue;
+    }
     std::fill(w.dk.begin(), w.dk.end(), 0.f);
     std::fill(w.dv.begin(), w.dv.end(), 0.f);
     // causal: the first query that sees key j0, rounded down to its block
@@ -579,10 +586,6 @@ void backward_chunk(const AttentionParams& p, const Shared& s, const KeyChunk& c
     }
     store_rows(w.dk.data(), nk, p, Dp, 1.f, dk + j0 * p.dk_stride[2], p.dk_stride[2]);
     store_rows(w.dv.data(), nk, p, Dp, 1.f, dv + j0 * p.dv_stride[2], p.dv_stride[2]);
-  }
-  for (int64_t j = end; j < keys_end; ++j) {  // keys no query sees
-    std::fill_n(dk + j * p.dk_stride[2], p.head_dim, T(0.f));
-    std::fill_n(dv + j * p.dv_stride[2], p.head_dim, T(0.f));
   }
 }
 
@@ -619,7 +622,7 @@ template <typename T>
 void backward(const AttentionParams& p) {
   const Shared s = share(p);
   const int64_t groups = p.B * p.Hkv, key_blocks = s.Lkp / kBlockK;
-  const int64_t chunks = std::clamp<int64_t>((at::get_num_threads() + groups - 1) / groups, 1, key_blocks);
+  const int64_t chunks = std::clamp<int64_t>((at::get_num_threads() + groups - 1) / groups, 1, std::max<int64_t>(key_blocks, 1));
   const int64_t dq_size = s.G * p.Lq * s.Dp, drel_size = BackwardScratch::rel_size(p, s);
   const at::Tensor partials = float_buffer(groups * chunks * (dq_size + drel_size));
   float* dq_parts = partials.data_ptr<float>();
@@ -631,7 +634,7 @@ void backward(const AttentionParams& p) {
       const int64_t group = task / chunks, c = task % chunks;
       w.dq = std::span<float>(dq_parts + task * dq_size, dq_size);
       w.drel = std::span<float>(drel_parts + task * drel_size, drel_size);
-      const KeyChunk chunk{group / p.Hkv, group % p.Hkv, c * key_blocks / chunks, (c + 1) * key_blocks / chunks};
+      const KeyChunk chunk{group / p.Hkv, group % p.Hkv, c, chunks};
       backward_chunk<T>(p, s, chunk, w);
     }
   });
