@@ -1,7 +1,8 @@
 """fastlm: fused attention, cross-entropy and norm kernels for BERT-, GPT- and T5-style training.
 
 Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
-fastlm.cross_entropy, fastlm.linear_cross_entropy; BERT's masking: fastlm.mlm_mask (fastlm.data).
+fastlm.cross_entropy, fastlm.linear_cross_entropy; packing a padded batch's real tokens: fastlm.unpad and
+fastlm.pad; BERT's masking: fastlm.mlm_mask (fastlm.data).
 Models: fastlm.models. Modules: fastlm.nn. Existing models: fastlm.patch / fastlm.unpatch.
 Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (docs/architecture.md, "Backends and dispatch").
 """
@@ -10,7 +11,16 @@ from . import models, nn, ops
 from .backends import available_backends, use_backend
 from .backends import info as _info
 from .data import mlm_mask
-from .ops import RelativePositionBias, attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm
+from .ops import (
+    RelativePositionBias,
+    attention,
+    cross_entropy,
+    layer_norm,
+    linear_cross_entropy,
+    pad,
+    rms_norm,
+    unpad,
+)
 from .ops._family import kernel_table
 from .patch import patch, unpatch
 from .version import __version__
@@ -28,8 +38,10 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "pad",
     "patch",
     "rms_norm",
+    "unpad",
     "unpatch",
     "use_backend",
 ]

@@ -4,6 +4,7 @@ family (its backends and what their kernels take; fastlm/ops/_family.py), by fam
 from .attention import ATTENTION, RelativePositionBias, attention
 from .cross_entropy import CROSS_ENTROPY, cross_entropy, linear_cross_entropy
 from .norms import NORMS, layer_norm, rms_norm
+from .padding import pad, unpad
 
 FAMILIES = {family.name: family for family in (NORMS, CROSS_ENTROPY, ATTENTION)}
 
@@ -14,5 +15,7 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "linear_cross_entropy",
+    "pad",
     "rms_norm",
+    "unpad",
 ]
