@@ -246,6 +246,140 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   return {dq, dk, dv, dbias, dtable()};
 }
 
+#if !defined(FASTLM_EMU)
+// Varlen attention: the CPU kernels only (fastlm._C_emu, which runs the CUDA kernels, has no varlen entry
+// points, and CUDA tensors are refused by name).
+constexpr const char* kVarlenFwd = "varlen_attention_fwd";
+constexpr const char* kVarlenBwd = "varlen_attention_bwd";
+
+// q (Tq, Hq, D), k, v (Tk, Hkv, D) and cu_seqlens as the CPU kernels take them; checked before any read
+// (the prefix sums on the host: they address the rows).
+void check_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be 3-D (T, H, D), got shape ", t->sizes());
+    TORCH_CHECK(t->is_cpu(), op, ": ", name, " is on ", t->device(),
+                ": varlen attention has CPU kernels only (CUDA tensors run the reference)");
+  }
+  // (T, H, D) -> (1, H, T, D) views: the shape checks of attention
+  check_qkv(op, q.permute({1, 0, 2}).unsqueeze(0), k.permute({1, 0, 2}).unsqueeze(0), v.permute({1, 0, 2}).unsqueeze(0));
+  for (const auto& [cu, name, rows, longest] :
+       {std::tuple{&cu_q, "cu_seqlens_q", q.size(0), max_q}, std::tuple{&cu_k, "cu_seqlens_k", k.size(0), max_k}}) {
+    TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() == cu_q.numel() && cu->numel() >= 1 &&
+                    cu->is_contiguous() && cu->is_cpu(),
+                op, ": ", name, " must be a contiguous int32 CPU (B + 1,) tensor like cu_seqlens_q, got ",
+                cu->scalar_type(), " ", cu->sizes(), " on ", cu->device());
+    const int32_t* starts = cu->data_ptr<int32_t>();
+    TORCH_CHECK(starts[0] == 0 && starts[cu->numel() - 1] == rows, op, ": ", name,
+                " must start at 0 and end at the token count ", rows, ", got ", starts[0], " and ",
+                starts[cu->numel() - 1]);
+    for (int64_t b = 0; b + 1 < cu->numel(); ++b) {
+      const int64_t length = starts[b + 1] - starts[b];
+      TORCH_CHECK(length >= 0 && length <= longest, op, ": ", name, " gives sequence ", b, " a length of ", length,
+                  " (it must lie in [0, max_seqlen=", longest, "])");
+    }
+  }
+}
+
+// The params of a varlen call: rows packed along dim 0 of every (T, H, D) tensor (b strides 0).
+void set_varlen_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  dst[0] = 0;
+  dst[1] = t.stride(1);
+  dst[2] = t.stride(0);
+}
+
+at::Tensor unit_stride_d(const at::Tensor& t) { return t.stride(2) == 1 || t.size(2) <= 1 ? t : t.contiguous(); }
+
+AttentionParams make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                   bool causal, double scale) {
+  AttentionParams p;
+  p.B = cu_q.numel() - 1;
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.Lq = max_q;
+  p.Lk = max_k;
+  p.head_dim = static_cast<int>(q.size(2));
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.dtype = dtype_of(q, kVarlenFwd, "q");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_varlen_strides(p.q_stride, q);
+  set_varlen_strides(p.k_stride, k);
+  set_varlen_strides(p.v_stride, v);
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.total_q = q.size(0);
+  return p;
+}
+
+std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                                             int64_t max_k, const c10::optional<at::Tensor>& table,
+                                             const c10::optional<at::Tensor>& bucket, const at::Tensor& seed,
+                                             bool causal, double scale, double dropout_p) {
+  check_varlen(kVarlenFwd, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
+  AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
+  set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenFwd);
+  at::Tensor o = new_output(q.sizes(), q.options());
+  at::Tensor lse = new_output({p.Hq, p.total_q}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {o, lse};
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_varlen_strides(p.o_stride, o);
+  cpu::attention_fwd(p);
+  return {o, lse};
+}
+
+std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                             const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
+                                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                                             int64_t max_k, const c10::optional<at::Tensor>& table,
+                                             const c10::optional<at::Tensor>& bucket, const at::Tensor& seed,
+                                             bool causal, double scale, double dropout_p, bool need_dtable) {
+  check_varlen(kVarlenBwd, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
+  TORCH_CHECK(table.has_value() || !need_dtable, kVarlenBwd, ": need_dtable without a rel_pos table");
+  for (const auto& [t, name] : {std::pair{&do_in, "do"}, std::pair{&o_in, "o"}}) {
+    TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() && t->is_cpu(), kVarlenBwd, ": ",
+                name, " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), " on the CPU, got ",
+                t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef({q_in.size(1), q_in.size(0)}) &&
+                  lse_in.is_cpu(),
+              kVarlenBwd, ": lse must be float32 (Hq, Tq) = (", q_in.size(1), ", ", q_in.size(0), ") on the CPU, got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
+  const at::Tensor dout = unit_stride_d(do_in), o = unit_stride_d(o_in), lse = lse_in.contiguous();
+  AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
+  set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenBwd);
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  // (B, Hq, 1, num_buckets) partials, zero-filled, summed in a fixed order -> (num_buckets, Hq)
+  at::Tensor dtable_partial = at::zeros(
+      need_dtable ? std::vector<int64_t>{p.B, p.Hq, 1, p.num_buckets} : std::vector<int64_t>{0}, q.options().dtype(at::kFloat));
+  auto dtable = [&] { return need_dtable ? dtable_partial.sum(at::IntArrayRef{0, 2}).t().contiguous() : dtable_partial; };
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable()};
+  p.o = const_cast<void*>(o.data_ptr());
+  p.lse = lse.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  set_varlen_strides(p.o_stride, o);
+  set_varlen_strides(p.do_stride, dout);
+  set_varlen_strides(p.dq_stride, dq);
+  set_varlen_strides(p.dk_stride, dk);
+  set_varlen_strides(p.dv_stride, dv);
+  if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
+  cpu::attention_bwd(p);
+  return {dq, dk, dv, dtable()};
+}
+#endif
+
 }  // namespace
 
 void bind_attention(pybind11::module_& m) {
@@ -268,6 +402,24 @@ void bind_attention(pybind11::module_& m) {
         pybind11::arg("lse"), pybind11::arg("bias"), pybind11::arg("mask"), pybind11::arg("table"),
         pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("dropout_p"), pybind11::arg("need_dbias"), pybind11::arg("need_dtable"));
+#if !defined(FASTLM_EMU)
+  m.def("varlen_attention_fwd", &varlen_attention_fwd,
+        "Varlen attention forward on CPU tensors (fp32/fp16/bf16, head dims up to 256): q (Tq, Hq, D), k/v (Tk, "
+        "Hkv, D), cu_seqlens (B + 1,) int32, the longest lengths, rel_pos table (num_buckets, Hq) with bucket "
+        "(max_q + max_k - 1,) int32, dropout from seed: returns [o (Tq, Hq, D), lse (Hq, Tq) fp32]",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
+        pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
+        pybind11::arg("scale"), pybind11::arg("dropout_p"));
+  m.def("varlen_attention_bwd", &varlen_attention_bwd,
+        "Varlen attention backward on CPU tensors (deterministic): returns [dq, dk, dv, dtable]; dtable "
+        "(num_buckets, Hq) fp32 when need_dtable, else empty",
+        pybind11::arg("do"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
+        pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
+        pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"), pybind11::arg("table"),
+        pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("dropout_p"), pybind11::arg("need_dtable"));
+#endif
 }
 
 }  // namespace fastlm

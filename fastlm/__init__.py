@@ -2,7 +2,7 @@
 
 Functional ops: fastlm.attention (with fastlm.RelativePositionBias), fastlm.layer_norm, fastlm.rms_norm,
 fastlm.cross_entropy, fastlm.linear_cross_entropy; packing a padded batch's real tokens: fastlm.unpad and
-fastlm.pad; BERT's masking: fastlm.mlm_mask (fastlm.data).
+fastlm.pad, and attention over packed sequences: fastlm.varlen_attention; BERT's masking: fastlm.mlm_mask (fastlm.data).
 Models: fastlm.models. Modules: fastlm.nn. Existing models: fastlm.patch / fastlm.unpatch.
 Backends: fastlm.use_backend, fastlm.available_backends, fastlm.info (docs/architecture.md, "Backends and dispatch").
 """
@@ -20,6 +20,7 @@ from .ops import (
     pad,
     rms_norm,
     unpad,
+    varlen_attention,
 )
 from .ops._family import kernel_table
 from .patch import patch, unpatch
@@ -43,6 +44,7 @@ __all__ = [
     "rms_norm",
     "unpad",
     "unpatch",
+    "varlen_attention",
     "use_backend",
 ]
 

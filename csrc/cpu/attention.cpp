@@ -224,11 +224,33 @@ void drop(float* p, float* dp, int64_t n, uint64_t seed, uint64_t offset, float 
 // What every task shares: per-batch key visibility, the table's bias per diagonal, packed K and V
 // ---------------------------------------------------------------------------------------------------
 
+// One sequence: its lengths and first rows (a batch entry: the tensors' lengths and row 0; varlen: from
+// cu_seqlens).
+struct Seq {
+  int64_t Lq, Lk, q0, k0;
+  // the rel_pos bucket of the sequence's diagonal t = j - i + Lq - 1 is bucket[t + shift] (varlen: the
+  // buckets are those of the longest lengths)
+  int64_t rel_shift;
+};
+
+Seq seq_of(const AttentionParams& p, int64_t b) {
+  if (p.cu_seqlens_q == nullptr) return {p.Lq, p.Lk, 0, 0, 0};
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  const int64_t Lk = p.cu_seqlens_k[b + 1] - k0;
+  return {p.cu_seqlens_q[b + 1] - q0, Lk, q0, k0, p.Lk - Lk};
+}
+
+// The LSE of sequence b's queries of head h, unit stride along the queries.
+float* lse_of(const AttentionParams& p, const Seq& seq, int64_t b, int64_t h) {
+  return p.cu_seqlens_q == nullptr ? p.lse + (b * p.Hq + h) * p.Lq : p.lse + h * p.total_q + seq.q0;
+}
+
 struct Shared {
   int64_t G = 1;           // query heads per KV head
   int64_t Dp = 0;          // head dim padded to a multiple of kW (the padding is zeros)
   int64_t Lkp = 0;         // keys padded to a multiple of kBlockK
   int64_t diagonals = 0;   // Lq + Lk - 1
+  std::vector<Seq> seqs;            // (B,)
   std::vector<int64_t> key_end;     // (B,): key blocks after the one of the last kept key are skipped
   std::vector<uint32_t> visible;    // (B, Lkp): all ones where key j exists and is kept, else 0
   std::vector<float> rel;           // (Hq, diagonals + kW): table[bucket[t], h], or empty
@@ -243,10 +265,12 @@ Shared share(const AttentionParams& p) {
   s.key_end.assign(p.B, 0);
   s.visible.assign(p.B * s.Lkp, 0u);
   for (int64_t b = 0; b < p.B; ++b) {
-    for (int64_t j = 0; j < p.Lk; ++j) {
+    s.seqs.push_back(seq_of(p, b));
+    const int64_t Lk = s.seqs.back().Lk;
+    for (int64_t j = 0; j < Lk; ++j) {
       if (p.mask != nullptr && p.mask[b * p.mask_stride[0] + j * p.mask_stride[1]] == 0) continue;
       s.visible[b * s.Lkp + j] = ~0u;
-      s.key_end[b] = std::min(round_up(j + 1, kBlockK), p.Lk);  // its whole block, as the GPU kernels do
+      s.key_end[b] = std::min(round_up(j + 1, kBlockK), Lk);  // its whole block, as the GPU kernels do
     }
   }
   if (p.table != nullptr) {
@@ -268,10 +292,11 @@ Shared share(const AttentionParams& p) {
 // `rows` (Lkp, Dp) row-major, and/or `blocked`, the transpose in key blocks: (Lkp / kBlockK, Dp, kBlockK),
 // element (j, d) at ((j / kBlockK) * Dp + d) * kBlockK + j % kBlockK. Padding is zeros.
 template <typename T>
-void pack_keys(const T* src, int64_t stride, const AttentionParams& p, const Shared& s, float* rows, float* blocked) {
+void pack_keys(const T* src, int64_t stride, int64_t Lk, const AttentionParams& p, const Shared& s, float* rows,
+               float* blocked) {
   std::vector<float> row(s.Dp);
   for (int64_t j = 0; j < s.Lkp; ++j) {
-    if (j < p.Lk) {
+    if (j < Lk) {
       load_row(src + j * stride, p.head_dim, 1.f, row.data(), s.Dp);
     } else {
       std::fill(row.begin(), row.end(), 0.f);
@@ -284,9 +309,14 @@ void pack_keys(const T* src, int64_t stride, const AttentionParams& p, const Sha
   }
 }
 
+// Row `row0` of head h of batch entry b (varlen: stride[0] is 0, row0 the sequence's first row).
 template <typename T>
-const T* head_of(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
-  return static_cast<const T*>(base) + b * stride[0] + h * stride[1];
+T* head_of(void* base, const int64_t (&stride)[3], int64_t b, int64_t h, int64_t row0) {
+  return static_cast<T*>(base) + b * stride[0] + h * stride[1] + row0 * stride[2];
+}
+template <typename T>
+const T* head_of(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h, int64_t row0) {
+  return head_of<T>(const_cast<void*>(base), stride, b, h, row0);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -298,6 +328,7 @@ struct HeadScores {
   const AttentionParams& p;
   const Shared& s;
   int64_t b, h;
+  const Seq& seq;
   const float* keys_t;  // the KV head's K, transposed in blocks (pack_keys' `blocked`)
   const float* rel;     // (diagonals + kW,) the table's bias per diagonal for head h, or null
 };
@@ -315,19 +346,20 @@ void add_bias_row(float* row, const AttentionParams& p, int64_t b, int64_t h, in
 // keys, keys past Lk) are -inf, whatever the bias there.
 void scores(const HeadScores& hs, const float* q_rows, int64_t i0, int64_t n, int64_t j0, int64_t nkp, float* S) {
   const AttentionParams& p = hs.p;
+  const Seq& seq = hs.seq;
   const int64_t Dp = hs.s.Dp;
   gemm<false>(n, nkp, Dp, q_rows, Dp, 1, hs.keys_t + (j0 / kBlockK) * Dp * kBlockK, kBlockK, S, kBlockK);
-  const int64_t real = std::min(nkp, p.Lk - j0);  // keys that exist
+  const int64_t real = std::min(nkp, seq.Lk - j0);  // keys that exist
   const float* visible = reinterpret_cast<const float*>(hs.s.visible.data() + hs.b * hs.s.Lkp + j0);
   for (int64_t r = 0; r < n; ++r) {
     float* row = S + r * kBlockK;
     const int64_t i = i0 + r;
     if (p.bias != nullptr) add_bias_row(row, p, hs.b, hs.h, i, j0, real);
-    if (hs.rel != nullptr) add_row(row, hs.rel + (j0 - i + p.Lq - 1), real);
+    if (hs.rel != nullptr) add_row(row, hs.rel + (j0 - i + seq.Lq - 1 + seq.rel_shift), real);
     for (int64_t c = 0; c < nkp; c += kW) {
       Vec::blendv(Vec(-kInf), Vec::loadu(row + c), Vec::loadu(visible + c)).store(row + c);
     }
-    if (p.causal) std::fill(row + std::clamp<int64_t>(i + p.Lk - p.Lq - j0 + 1, 0, nkp), row + nkp, -kInf);
+    if (p.causal) std::fill(row + std::clamp<int64_t>(i + seq.Lk - seq.Lq - j0 + 1, 0, nkp), row + nkp, -kInf);
   }
 }
 
@@ -335,7 +367,8 @@ void scores(const HeadScores& hs, const float* q_rows, int64_t i0, int64_t n, in
 // causal the last query's diagonal.
 int64_t key_end_of(const AttentionParams& p, const Shared& s, int64_t b, int64_t i0, int64_t n) {
   const int64_t end = s.key_end[b];
-  return p.causal ? std::clamp<int64_t>(i0 + n + p.Lk - p.Lq, 0, end) : end;
+  const Seq& seq = s.seqs[b];
+  return p.causal ? std::clamp<int64_t>(i0 + n + seq.Lk - seq.Lq, 0, end) : end;
 }
 
 // The Philox offset of score (b, h, i, j).
@@ -394,13 +427,14 @@ template <typename T>
 void forward_block(const AttentionParams& p, const Shared& s, int64_t b, int64_t h, int64_t i0,
                    const float* keys_t, const float* values, ForwardScratch& w) {
   const int64_t Dp = s.Dp, D = p.head_dim;
-  const int64_t n = std::min(kBlockQ, p.Lq - i0);
-  const T* q = head_of<T>(p.q, p.q_stride, b, h);
+  const Seq& seq = s.seqs[b];
+  const int64_t n = std::min(kBlockQ, seq.Lq - i0);
+  const T* q = head_of<T>(p.q, p.q_stride, b, h, seq.q0);
   for (int64_t r = 0; r < n; ++r) load_row(q + (i0 + r) * p.q_stride[2], D, p.scale, w.q.data() + r * Dp, Dp);
   std::fill(w.o.begin(), w.o.end(), 0.f);
   std::fill(w.m.begin(), w.m.end(), -kInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
-  const HeadScores hs{p, s, b, h, keys_t, s.rel.empty() ? nullptr : s.rel.data() + h * (s.diagonals + kW)};
+  const HeadScores hs{p, s, b, h, seq, keys_t, s.rel.empty() ? nullptr : s.rel.data() + h * (s.diagonals + kW)};
   const int64_t end = key_end_of(p, s, b, i0, n);
   for (int64_t j0 = 0; j0 < end; j0 += kBlockK) {
     const int64_t nkp = round_up(std::min(kBlockK, end - j0), kW);
@@ -421,8 +455,8 @@ void forward_block(const AttentionParams& p, const Shared& s, int64_t b, int64_t
     }
     gemm<true>(n, Dp, nkp, w.S.data(), kBlockK, 1, values + j0 * Dp, Dp, w.o.data(), Dp);
   }
-  T* o = static_cast<T*>(p.o) + b * p.o_stride[0] + h * p.o_stride[1];
-  float* lse = p.lse + (b * p.Hq + h) * p.Lq;
+  T* o = head_of<T>(p.o, p.o_stride, b, h, seq.q0);
+  float* lse = lse_of(p, seq, b, h);
   for (int64_t r = 0; r < n; ++r) {
     const float l = w.l[r];
     // a row that saw no key: zeros and an LSE of -inf
@@ -441,8 +475,11 @@ void forward(const AttentionParams& p) {
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.Hkv, h = bh % p.Hkv;
-      pack_keys(head_of<T>(p.k, p.k_stride, b, h), p.k_stride[2], p, s, nullptr, keys_t + bh * kv_size);
-      pack_keys(head_of<T>(p.v, p.v_stride, b, h), p.v_stride[2], p, s, values + bh * kv_size, nullptr);
+      const Seq& seq = s.seqs[b];
+      pack_keys(head_of<T>(p.k, p.k_stride, b, h, seq.k0), p.k_stride[2], seq.Lk, p, s, nullptr,
+                keys_t + bh * kv_size);
+      pack_keys(head_of<T>(p.v, p.v_stride, b, h, seq.k0), p.v_stride[2], seq.Lk, p, s, values + bh * kv_size,
+                nullptr);
     }
   });
   const int64_t blocks = (p.Lq + kBlockQ - 1) / kBlockQ;
@@ -450,9 +487,10 @@ void forward(const AttentionParams& p) {
   at::parallel_for(0, p.B * p.Hq * blocks, 1, [&](int64_t begin, int64_t end) {
     ForwardScratch w = scratch.mine(s.Dp);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, b = bh / p.Hq, h = bh % p.Hq;
+      const int64_t bh = task / blocks, b = bh / p.Hq, h = bh % p.Hq, i0 = (task % blocks) * kBlockQ;
+      if (i0 >= s.seqs[b].Lq) continue;  // varlen: past a shorter sequence's queries
       const int64_t kv = (b * p.Hkv + h / s.G) * kv_size;
-      forward_block<T>(p, s, b, h, (task % blocks) * kBlockQ, keys_t + kv, values + kv, w);
+      forward_block<T>(p, s, b, h, i0, keys_t + kv, values + kv, w);
     }
   });
 }
@@ -485,12 +523,13 @@ struct BackwardScratch {
 template <typename T>
 void load_query_head(const AttentionParams& p, const Shared& s, int64_t b, int64_t h, int64_t g, BackwardScratch& w) {
   const int64_t Dp = s.Dp, D = p.head_dim;
-  const T* q = head_of<T>(p.q, p.q_stride, b, h);
-  const T* o = head_of<T>(p.o, p.o_stride, b, h);
-  const T* dout = head_of<T>(p.dout, p.do_stride, b, h);
-  const float* lse = p.lse + (b * p.Hq + h) * p.Lq;
+  const Seq& seq = s.seqs[b];
+  const T* q = head_of<T>(p.q, p.q_stride, b, h, seq.q0);
+  const T* o = head_of<T>(p.o, p.o_stride, b, h, seq.q0);
+  const T* dout = head_of<T>(p.dout, p.do_stride, b, h, seq.q0);
+  const float* lse = lse_of(p, seq, b, h);
   std::vector<float> o_row(Dp);
-  for (int64_t i = 0; i < p.Lq; ++i) {
+  for (int64_t i = 0; i < seq.Lq; ++i) {
     const int64_t slot = g * p.Lq + i;
     load_row(q + i * p.q_stride[2], D, p.scale, w.q.data() + slot * Dp, Dp);
     load_row(dout + i * p.do_stride[2], D, 1.f, w.dout.data() + slot * Dp, Dp);
@@ -504,7 +543,7 @@ void load_query_head(const AttentionParams& p, const Shared& s, int64_t b, int64
 // rows) and dQ, and writes dbias / adds to the diagonal sums of the table gradient.
 void backward_step(const HeadScores& hs, int64_t g, int64_t i0, int64_t j0, int64_t nk, BackwardScratch& w) {
   const AttentionParams& p = hs.p;
-  const int64_t Dp = hs.s.Dp, n = std::min(kBlockQ, p.Lq - i0), nkp = round_up(nk, kW);
+  const int64_t Dp = hs.s.Dp, n = std::min(kBlockQ, hs.seq.Lq - i0), nkp = round_up(nk, kW);
   const float* q = w.q.data() + (g * p.Lq + i0) * Dp;
   const float* dout = w.dout.data() + (g * p.Lq + i0) * Dp;
   float* P = w.P.data();
@@ -537,7 +576,9 @@ void backward_step(const HeadScores& hs, int64_t g, int64_t i0, int64_t j0, int6
   }
   if (!w.drel.empty()) {
     float* drel = w.drel.data() + g * (hs.s.diagonals + kW);
-    for (int64_t r = 0; r < n; ++r) add_row(drel + (j0 - (i0 + r) + p.Lq - 1), dS + r * kBlockK, nk);
+    for (int64_t r = 0; r < n; ++r) {
+      add_row(drel + (j0 - (i0 + r) + hs.seq.Lq - 1 + hs.seq.rel_shift), dS + r * kBlockK, nk);
+    }
   }
 }
 
@@ -558,16 +599,18 @@ struct KeyChunk {
 template <typename T>
 void backward_chunk(const AttentionParams& p, const Shared& s, const KeyChunk& chunk, BackwardScratch& w) {
   const int64_t Dp = s.Dp, b = chunk.b, hkv = chunk.hkv;
-  pack_keys(head_of<T>(p.k, p.k_stride, b, hkv), p.k_stride[2], p, s, w.keys.data(), w.keys_t.data());
-  pack_keys(head_of<T>(p.v, p.v_stride, b, hkv), p.v_stride[2], p, s, nullptr, w.values_t.data());
+  const Seq& seq = s.seqs[b];
+  pack_keys(head_of<T>(p.k, p.k_stride, b, hkv, seq.k0), p.k_stride[2], seq.Lk, p, s, w.keys.data(),
+            w.keys_t.data());
+  pack_keys(head_of<T>(p.v, p.v_stride, b, hkv, seq.k0), p.v_stride[2], seq.Lk, p, s, nullptr, w.values_t.data());
   for (int64_t g = 0; g < s.G; ++g) load_query_head<T>(p, s, b, hkv * s.G + g, g, w);
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
   std::fill(w.drel.begin(), w.drel.end(), 0.f);
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1];
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1];
-  const int64_t end = s.key_end[b];  // a multiple of kBlockK, or Lk
-  for (int64_t j0 = chunk.first_block * kBlockK; j0 < p.Lk; j0 += chunk.stride * kBlockK) {
-    const int64_t nk = std::min(kBlockK, p.Lk - j0);
+  T* dk = head_of<T>(p.dk, p.dk_stride, b, hkv, seq.k0);
+  T* dv = head_of<T>(p.dv, p.dv_stride, b, hkv, seq.k0);
+  const int64_t end = s.key_end[b];  // a multiple of kBlockK, or the sequence's Lk
+  for (int64_t j0 = chunk.first_block * kBlockK; j0 < seq.Lk; j0 += chunk.stride * kBlockK) {
+    const int64_t nk = std::min(kBlockK, seq.Lk - j0);
     if (j0 >= end) {  // keys no query sees
       for (int64_t j = j0; j < j0 + nk; ++j) {
         std::fill_n(dk + j * p.dk_stride[2], p.head_dim, T(0.f));
@@ -578,11 +621,12 @@ void backward_chunk(const AttentionParams& p, const Shared& s, const KeyChunk& c
     std::fill(w.dk.begin(), w.dk.end(), 0.f);
     std::fill(w.dv.begin(), w.dv.end(), 0.f);
     // causal: the first query that sees key j0, rounded down to its block
-    const int64_t first = p.causal ? std::max<int64_t>(0, j0 - (p.Lk - p.Lq)) / kBlockQ * kBlockQ : 0;
+    const int64_t first = p.causal ? std::max<int64_t>(0, j0 - (seq.Lk - seq.Lq)) / kBlockQ * kBlockQ : 0;
     for (int64_t g = 0; g < s.G; ++g) {
       const int64_t h = hkv * s.G + g;
-      const HeadScores hs{p, s, b, h, w.keys_t.data(), s.rel.empty() ? nullptr : s.rel.data() + h * (s.diagonals + kW)};
-      for (int64_t i0 = first; i0 < p.Lq; i0 += kBlockQ) backward_step(hs, g, i0, j0, nk, w);
+      const float* rel = s.rel.empty() ? nullptr : s.rel.data() + h * (s.diagonals + kW);
+      const HeadScores hs{p, s, b, h, seq, w.keys_t.data(), rel};
+      for (int64_t i0 = first; i0 < seq.Lq; i0 += kBlockQ) backward_step(hs, g, i0, j0, nk, w);
     }
     store_rows(w.dk.data(), nk, p, Dp, 1.f, dk + j0 * p.dk_stride[2], p.dk_stride[2]);
     store_rows(w.dv.data(), nk, p, Dp, 1.f, dv + j0 * p.dv_stride[2], p.dv_stride[2]);
@@ -596,10 +640,11 @@ void finish_group(const AttentionParams& p, const Shared& s, int64_t b, int64_t 
                   const float* dq_parts, const float* drel_parts) {
   const int64_t Dp = s.Dp, dq_size = s.G * p.Lq * Dp, drel_size = BackwardScratch::rel_size(p, s);
   std::vector<float> sum(Dp);
+  const Seq& seq = s.seqs[b];
   for (int64_t g = 0; g < s.G; ++g) {
     const int64_t h = hkv * s.G + g;
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
-    for (int64_t i = 0; i < p.Lq; ++i) {
+    T* dq = head_of<T>(p.dq, p.dq_stride, b, h, seq.q0);
+    for (int64_t i = 0; i < seq.Lq; ++i) {
       const int64_t row = (g * p.Lq + i) * Dp;
       std::copy_n(dq_parts + row, Dp, sum.begin());
       for (int64_t c = 1; c < chunks; ++c) add_row(sum.data(), dq_parts + c * dq_size + row, Dp);
@@ -622,7 +667,8 @@ template <typename T>
 void backward(const AttentionParams& p) {
   const Shared s = share(p);
   const int64_t groups = p.B * p.Hkv, key_blocks = s.Lkp / kBlockK;
-  const int64_t chunks = std::clamp<int64_t>((at::get_num_threads() + groups - 1) / groups, 1, std::max<int64_t>(key_blocks, 1));
+  const int64_t chunks =
+      std::clamp<int64_t>((at::get_num_threads() + groups - 1) / groups, 1, std::max<int64_t>(key_blocks, 1));
   const int64_t dq_size = s.G * p.Lq * s.Dp, drel_size = BackwardScratch::rel_size(p, s);
   const at::Tensor partials = float_buffer(groups * chunks * (dq_size + drel_size));
   float* dq_parts = partials.data_ptr<float>();

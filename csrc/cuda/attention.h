@@ -65,6 +65,14 @@ struct AttentionParams {
   float* dbias = nullptr;
   float* dtable = nullptr;
 
+  // Varlen (the CPU kernels only): B sequences packed along the rows of q, k, v, o (their b strides are 0);
+  // sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys likewise; Lq and Lk are
+  // the longest lengths (they fix the dropout offsets and the rel_pos buckets: bucket holds the relative
+  // positions 1 - Lk .. Lq - 1); lse is (Hq, total_q). No mask, no bias.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;
+
   bool has_extras() const { return bias != nullptr || table != nullptr || dropout_p > 0.f; }
 };
 

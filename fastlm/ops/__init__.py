@@ -5,8 +5,9 @@ from .attention import ATTENTION, RelativePositionBias, attention
 from .cross_entropy import CROSS_ENTROPY, cross_entropy, linear_cross_entropy
 from .norms import NORMS, layer_norm, rms_norm
 from .padding import pad, unpad
+from .varlen_attention import VARLEN_ATTENTION, varlen_attention
 
-FAMILIES = {family.name: family for family in (NORMS, CROSS_ENTROPY, ATTENTION)}
+FAMILIES = {family.name: family for family in (NORMS, CROSS_ENTROPY, ATTENTION, VARLEN_ATTENTION)}
 
 __all__ = [
     "FAMILIES",
@@ -18,4 +19,5 @@ __all__ = [
     "pad",
     "rms_norm",
     "unpad",
+    "varlen_attention",
 ]

@@ -469,28 +469,27 @@ def _validate(q, k, v, key_padding_mask, attn_bias, rel_pos):
         if attn_bias.device != q.device:
             raise ValueError(f"attention: attn_bias is on {attn_bias.device} but q is on {q.device}")
     if rel_pos is not None:
-        if not isinstance(rel_pos, RelativePositionBias):
-            raise TypeError(f"attention: rel_pos must be a fastlm.RelativePositionBias, got {type(rel_pos).__name__}")
-        table = rel_pos.table
-        if (
-            not isinstance(table, torch.Tensor)
-            or table.dim() != 2
-            or table.shape[1] != Hq
-            or not table.is_floating_point()
-        ):
-            raise ValueError(
-                f"attention: rel_pos.table must be a floating-point (num_buckets, Hq={Hq}) "
-                f"tensor, got {_describe(table)}"
-            )
-        exact = table.shape[0] // (2 if rel_pos.bidirectional else 1) // 2
-        if exact < 1 or rel_pos.max_distance <= exact:
-            raise ValueError(
-                f"attention: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} "
-                f"and max_distance > its exact buckets ({exact}), got "
-                f"num_buckets={table.shape[0]}, max_distance={rel_pos.max_distance}"
-            )
-        if table.device != q.device:
-            raise ValueError(f"attention: rel_pos.table is on {table.device} but q is on {q.device}")
+        _validate_rel_pos(rel_pos, Hq, q.device)
+
+
+def _validate_rel_pos(rel_pos, Hq, device, fn="attention"):
+    """Check rel_pos for `fn` with Hq query heads on `device`."""
+    if not isinstance(rel_pos, RelativePositionBias):
+        raise TypeError(f"{fn}: rel_pos must be a fastlm.RelativePositionBias, got {type(rel_pos).__name__}")
+    table = rel_pos.table
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != Hq or not table.is_floating_point():
+        raise ValueError(
+            f"{fn}: rel_pos.table must be a floating-point (num_buckets, Hq={Hq}) tensor, got {_describe(table)}"
+        )
+    exact = table.shape[0] // (2 if rel_pos.bidirectional else 1) // 2
+    if exact < 1 or rel_pos.max_distance <= exact:
+        raise ValueError(
+            f"{fn}: rel_pos needs num_buckets >= {4 if rel_pos.bidirectional else 2} "
+            f"and max_distance > its exact buckets ({exact}), got "
+            f"num_buckets={table.shape[0]}, max_distance={rel_pos.max_distance}"
+        )
+    if table.device != device:
+        raise ValueError(f"{fn}: rel_pos.table is on {table.device} but q is on {device}")
 
 
 def _is_number(value):
@@ -498,19 +497,17 @@ def _is_number(value):
     return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
 
 
-def _validate_options(causal, dropout_p, scale):
+def _validate_options(causal, dropout_p, scale, fn="attention"):
     if not isinstance(causal, bool):
-        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__} {causal!r}")
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__} {causal!r}")
     if not _is_number(dropout_p):
-        raise TypeError(
-            f"attention: dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}"
-        )
+        raise TypeError(f"{fn}: dropout_p must be a number in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not _is_number(scale):
-        raise TypeError(f"attention: scale must be a number or None, got {type(scale).__name__} {scale!r}")
+        raise TypeError(f"{fn}: scale must be a number or None, got {type(scale).__name__} {scale!r}")
     if isinstance(scale, numbers.Real) and not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be finite, got {scale}")
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
 
 
 def _autocast_dtype(q):
