@@ -160,27 +160,29 @@ def _count(op, name):
     return name
 
 
-def select(op, device, refusals):
+def select(op, device, refusals, count=True):
     """The backend to run `op` (a public op name: "layer_norm", "attention", ...) on for tensors on `device`.
 
     `refusals` maps each backend name to None when it has kernels of `op` for these inputs, else to the
     reason it has not (the op family's declaration words it). Raises RuntimeError when a forced backend
-    cannot run the call, naming the backend and the reason.
+    cannot run the call, naming the backend and the reason. The choice is counted in `calls` unless `count`
+    is False (a question about a call, not a call).
     """
+    tally = _count if count else (lambda op, name: name)
     device = torch.device(device)
     forced = forced_backend()
     if forced is not None:
         why = _why_unavailable(forced, device) or refusals[forced]
         if why is not None:
             raise RuntimeError(f"fastlm backend {forced!r} was forced for {op} on {device}, but {why}")
-        return _count(op, forced)
+        return tally(op, forced)
     if device.type == "cuda":
         candidates = (dispatch_defaults().get(op, "triton"), "triton", "cuda", "reference")
     else:
         candidates = ("cpu", "reference")
     for name in candidates:
         if refusals[name] is None and _why_unavailable(name, device) is None:
-            return _count(op, name)
+            return tally(op, name)
     raise RuntimeError(f"no fastlm backend can run {op} on {device}")
 
 

@@ -1,4 +1,5 @@
-"""Small pieces every model file uses: activations by their HF names, input checks, initialisation."""
+"""Small pieces every model file uses: activations by their HF names, input checks, initialisation, packed
+(unpadded) sequences."""
 
 import dataclasses
 import math
@@ -10,9 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..nn import LayerNorm, RMSNorm
+from ..ops.varlen_attention import VARLEN_ATTENTION
 
 __all__ = [
     "HFConfig",
+    "PackedSequences",
     "activation",
     "attention_mask_bool",
     "check_ids",
@@ -21,6 +24,7 @@ __all__ = [
     "check_same_shape",
     "init_normal",
     "key_padding_mask",
+    "runs_varlen_kernel",
     "scaled_std",
 ]
 
@@ -200,3 +204,23 @@ class HFConfig:
             config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
             config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
         return {**config, "model_type": self.model_type, "architectures": [architecture]}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """Where the sequences of a packed (T, ...) batch of tokens are (``fastlm.unpad``'s): cu_seqlens (B + 1,)
+    int32 prefix sums of their lengths, max_seqlen the longest. Layers given one instead of a key padding
+    mask run ``fastlm.varlen_attention``."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def runs_varlen_kernel(x, head_dim):
+    """Whether fastlm.varlen_attention would run a kernel, not the reference, on tensors like x (its device
+    and dtype) with the backend dispatch picks or the one use_backend forces: the models unpad only then."""
+    try:
+        backend = VARLEN_ATTENTION.select("varlen_attention", x.device, x.dtype, head_dim=head_dim, count=False)
+        return backend != "reference"
+    except RuntimeError:  # a forced backend without varlen kernels: the padded path runs on it
+        return False

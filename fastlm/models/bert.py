@@ -1,5 +1,7 @@
 """BERT on fastlm's kernels: post-LN encoder with fused attention (key padding) and fused residual +
-LayerNorm; the pretraining heads with the MLM loss computed only on the labelled rows.
+LayerNorm; the pretraining heads with the MLM loss computed only on the labelled rows. A padded batch runs
+unpadded from the embeddings to the last layer (only real tokens go through the layers; varlen attention)
+where varlen attention has kernels.
 
 Parameter names are Hugging Face's (``bert.encoder.layer.0.attention.self.query.weight``, ...), so HF
 checkpoints load as they are (see hub.py). Shapes: B batch, L sequence, E hidden, H heads, D head dim.
@@ -15,14 +17,18 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import LayerNorm
 from ..ops.attention import attention
+from ..ops.padding import pad, unpad
+from ..ops.varlen_attention import varlen_attention
 from ._common import (
     HFConfig,
+    PackedSequences,
     activation,
     check_ids,
     check_length,
     check_same_shape,
     init_normal,
     key_padding_mask,
+    runs_varlen_kernel,
 )
 from .hub import PretrainedMixin
 
@@ -171,11 +177,19 @@ class BertSelfAttention(nn.Module):
         self.register_load_state_dict_pre_hook(_fuse_qkv)
 
     def forward(self, x, mask):
-        B, L, E = x.shape
+        """x (B, L, E) with mask the (B, L) bool key padding mask or None; or packed tokens x (T, E) with mask
+        their PackedSequences."""
         H = self.num_heads
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(mask, PackedSequences):
+            T, E = x.shape
+            q, k, v = self.qkv(x).view(T, 3, H, E // H).unbind(1)  # (T, 3E) -> (T, 3, H, D) -> 3 x (T, H, D)
+            cu, longest = mask.cu_seqlens, mask.max_seqlen
+            return varlen_attention(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p).reshape(T, E)
+        B, L, E = x.shape
         qkv = self.qkv(x).view(B, L, 3, H, E // H)  # (B, L, 3E) -> (B, L, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), views
-        out = attention(q, k, v, key_padding_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        out = attention(q, k, v, key_padding_mask=mask, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(B, L, E)  # (B, H, L, D) -> (B, L, H, D) -> (B, L, E)
 
 
@@ -253,6 +267,11 @@ class BertModel(PretrainedMixin, nn.Module):
 
     forward(input_ids (B, L) int, attention_mask (B, L) 1 = token / 0 = padding, token_type_ids (B, L))
     -> BertOutput with last_hidden_state (B, L, E) and pooler_output (B, E) (None without the pooler).
+
+    unpad_inputs (default True): a batch with padding runs unpadded from the embeddings to the last layer
+    when fastlm.varlen_attention has kernels for it (the CPU kernels today; elsewhere, or with a forced
+    backend that lacks them, the padded path runs). It computes the same values at the real tokens;
+    last_hidden_state is 0 at the padding.
     """
 
     config_class = BertConfig
@@ -264,6 +283,7 @@ class BertModel(PretrainedMixin, nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.unpad_inputs = True
         init_normal(self, config.initializer_range)
 
     def hf_keys(self):
@@ -271,7 +291,14 @@ class BertModel(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, E); checks input_ids
-        h = self.encoder(x, key_padding_mask(attention_mask, input_ids.shape))  # (B, L, E)
+        mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, L) bool, None without padding
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, head_dim):
+            B, L, _ = x.shape
+            packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
+            h = pad(self.encoder(packed, PackedSequences(cu_seqlens, max_seqlen)), indices, B, L)  # (B, L, E)
+        else:
+            h = self.encoder(x, mask)  # (B, L, E)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BertOutput(last_hidden_state=h, pooler_output=pooled)
 

@@ -92,12 +92,12 @@ class OpFamily:
         why = kernels.lacks(dtype, other_dtypes, head_dim)
         return None if why is None else f"it has no {op} {why}"
 
-    def select(self, op, device, dtype, other_dtypes=(), head_dim=None):
+    def select(self, op, device, dtype, other_dtypes=(), head_dim=None, count=True):
         """The backend to run `op` on (fastlm.backends.select) for tensors on `device`: the main input's
         `dtype`, the dtypes of the other float tensors, and for attention the head dim. Under torch.compile
-        the choice is made once, at trace time."""
+        the choice is made once, at trace time. `count`: whether this is a call (counted in backends.calls)."""
         refusals = tuple([(name, self.lacks(name, op, dtype, other_dtypes, head_dim)) for name in backends.BACKENDS])
-        return _select(op, device, refusals)
+        return _select(op, device, refusals, count)
 
     def available(self, device, dtypes=(), head_dim=None):
         """The backends that run on `device` and have this family's kernels for every dtype of `dtypes`
@@ -119,8 +119,8 @@ def every_backend(kernels=Kernels()):
 
 
 @torch.compiler.assume_constant_result
-def _select(op, device, refusals):
-    return backends.select(op, device, dict(refusals))
+def _select(op, device, refusals, count):
+    return backends.select(op, device, dict(refusals), count)
 
 
 def kernel_table(families):

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+import fastlm  # noqa: E402
 from fastlm.models import (  # noqa: E402
     BertConfig,
     BertForMaskedLM,
@@ -62,7 +63,8 @@ def from_fused_qkv(name, grad):
 
 
 def test_pretraining_matches_hf(backend, device, tmp_path):
-    """Logits, MLM + NSP loss and every parameter gradient, with padding, on every backend (1 layer)."""
+    """Logits (at the real tokens: a padded batch runs unpadded where varlen attention has kernels), MLM +
+    NSP loss and every parameter gradient, with padding, on every backend (1 layer)."""
     torch.manual_seed(0)
     hf32, hf64 = hf_pair(transformers.BertForPreTraining(hf_config(layers=1)), device)
     model = load(BertForPreTraining, hf32, tmp_path).to(device)
@@ -73,7 +75,8 @@ def test_pretraining_matches_hf(backend, device, tmp_path):
         loss.backward()
     ref32 = hf32(ids, attention_mask=mask, token_type_ids=types)
     ref64 = hf64(ids, attention_mask=mask, token_type_ids=types)
-    assert_matches_hf(out.logits, ref64.prediction_logits, ref32.prediction_logits, "prediction logits")
+    real = mask.bool()  # (B, L)
+    assert_matches_hf(out.logits[real], ref64.prediction_logits[real], ref32.prediction_logits[real], "logits")
     assert_matches_hf(
         out.seq_relationship_logits, ref64.seq_relationship_logits, ref32.seq_relationship_logits, "nsp logits"
     )
@@ -93,7 +96,8 @@ def test_masked_lm_and_body_match_hf(tmp_path):
     ids, mask, types, labels, _ = batch(1)
     out = model(ids, mask, types)
     ref32, ref64 = (hf(ids, attention_mask=mask, token_type_ids=types) for hf in (hf32, hf64))
-    assert_matches_hf(out.logits, ref64.logits, ref32.logits, "logits")
+    real = mask.bool()  # (B, L): the real tokens (padding positions are 0 in the unpadded path)
+    assert_matches_hf(out.logits[real], ref64.logits[real], ref32.logits[real], "logits")
     loss = model(ids, mask, types, labels=labels).loss
     loss.backward()
     losses = []
@@ -106,11 +110,12 @@ def test_masked_lm_and_body_match_hf(tmp_path):
     body = BertModel.from_pretrained(hf32)  # an HF instance works as a source; heads are dropped
     h = body(ids, mask, types).last_hidden_state
     assert_matches_hf(
-        h,
-        hf64.bert(ids, mask, types).last_hidden_state,
-        hf32.bert(ids, mask, types).last_hidden_state,
+        h[real],
+        hf64.bert(ids, mask, types).last_hidden_state[real],
+        hf32.bert(ids, mask, types).last_hidden_state[real],
         "last_hidden_state",
     )
+    assert not h[~real].any()
 
 
 @pytest.mark.parametrize("num_labels, kind", [(3, "single"), (1, "regression"), (2, "regression"), (4, "multi")])
@@ -149,7 +154,8 @@ def test_save_pretrained_round_trips_through_hf(tmp_path):
     ids, mask, types, _, _ = batch(4)
     out = model(ids, mask, types)
     ref = hf(ids, attention_mask=mask, token_type_ids=types)
-    torch.testing.assert_close(out.logits, ref.prediction_logits, rtol=1e-4, atol=1e-4)
+    real = mask.bool()  # (B, L)
+    torch.testing.assert_close(out.logits[real], ref.prediction_logits[real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits, rtol=1e-4, atol=1e-4)
     again = BertForPreTraining.from_pretrained(tmp_path)
     for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
@@ -211,3 +217,39 @@ def test_qkv_stored_fused_with_hf_names_in_state_dict(tmp_path):
     again.load_state_dict(torch.load(tmp_path / "state.pt"))
     ids = batch()[0]
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_unpadded_run_matches_the_padded_one(tmp_path):
+    """A padded batch runs unpadded (varlen attention; only real tokens through the layers) where varlen has
+    kernels: its logits at the real tokens, NSP logits, loss and every parameter gradient are within the
+    rule of the padded run's, both against HF in fp64."""
+    torch.manual_seed(5)
+    hf32, hf64 = hf_pair(transformers.BertForPreTraining(hf_config()))
+    model = load(BertForPreTraining, hf32, tmp_path)
+    ids, mask, types, labels, nsp = batch(5)
+    real = mask.bool()  # (B, L)
+    runs = {}
+    for unpadded in (True, False):
+        model.bert.unpad_inputs = unpadded
+        model.zero_grad()
+        before = fastlm.backends.calls.copy()
+        out = model(ids, mask, types, labels=labels, next_sentence_label=nsp)
+        out.loss.backward()
+        logits = model(ids, mask, types).logits[real]  # (T, V)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        runs[unpadded] = (logits, out.seq_relationship_logits, out.loss, grads, fastlm.backends.calls - before)
+    if "cpu" in fastlm.available_backends("cpu"):
+        assert ("varlen_attention", "cpu") in runs[True][4] and ("attention", "cpu") not in runs[True][4]
+        assert ("varlen_attention", "cpu") not in runs[False][4]
+    ref = hf64(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    ref.loss.backward()
+    oracle = (hf64(ids, attention_mask=mask, token_type_ids=types).prediction_logits[real],
+              ref.seq_relationship_logits, ref.loss)
+    for name, actual, padded, expected in zip(("logits", "nsp logits", "loss"), runs[True], runs[False], oracle,
+                                              strict=False):
+        assert_matches_hf(actual, expected, padded, name)
+    hf_grads = dict(hf64.named_parameters())
+    for name, grad in runs[True][3].items():
+        for hf_name, g in from_fused_qkv(name, grad):
+            padded = dict(from_fused_qkv(name, runs[False][3][name]))[hf_name]
+            assert_matches_hf(g, hf_grads[hf_name].grad, padded, f"grad {hf_name}", factor=3.0)
