@@ -138,9 +138,13 @@ def test_bert_batches_are_padded():
 def test_models_summary_and_table_show_both_baselines(capsys):
     rows = [
         harness.Row("train-step", "bert s8 b1 dropout 0", "fp32", impl, "fwd+bwd", ms, ms, ms, 1.0, "tok/s", speedup=s)
-        for impl, ms, s in (("hf-eager", 30.0, 1.0), ("fastlm", 10.0, 3.0), ("hf-sdpa", 20.0, 1.5))
+        for impl, ms, s in (("hf-eager", 30.0, 1.0), ("fastlm", 10.0, 3.0), ("fastlm-padded", 15.0, 2.0),
+                            ("hf-sdpa", 20.0, 1.5))
     ]
-    assert bench_models.summary(rows) == ["bert s8 b1 dropout 0: fastlm over hf-eager 3.00× (target ≥ 2.5×)"]
+    assert bench_models.summary(rows) == [
+        "bert s8 b1 dropout 0: fastlm over hf-eager 3.00× (target ≥ 4.0×)",
+        "bert s8 b1 dropout 0: fastlm over fastlm-padded 1.50× (target ≥ 1.5×)",
+    ]
     bench_models.print_table(rows)
     out = capsys.readouterr().out
     assert "vs eager" in out and "vs sdpa" in out and "3.00x    2.00x" in out
@@ -153,3 +157,7 @@ def test_models_report_which_attention_backend_ran():
     ids = torch.randint(0, 100, (2, 16))
     ran = bench_models._attention_backends(lambda: model(ids).last_hidden_state.sum().backward())
     assert ran in ("attention: cpu", "attention: reference")
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 9:] = 0  # padding: the batch runs unpadded where varlen attention has kernels
+    ran = bench_models._attention_backends(lambda: model(ids, mask).last_hidden_state.sum().backward())
+    assert ran in ("varlen_attention: cpu", "attention: reference")
