@@ -1,7 +1,8 @@
 """T5 on fastlm's kernels: encoder-decoder with RMSNorm (fused with the residual add), T5's relative
 position bias computed inside fastlm.attention (``rel_pos``; the first layer's table and one bucket
 computation per forward serve every layer),
-v1.0 (ReLU) and v1.1 (gated GELU) feed-forward, a tied or untied LM head, generate() with a KV cache.
+v1.0 (ReLU) and v1.1 (gated GELU) feed-forward, a tied or untied LM head, generate() with a KV cache. A padded
+source runs through the encoder unpadded (varlen attention) where varlen attention has kernels.
 
 Parameter names are Hugging Face's (``encoder.block.0.layer.0.SelfAttention.q.weight``, ...).
 Shapes: B batch, Ls source length, Lt target length, E = d_model, H heads, D = d_kv, V vocabulary.
@@ -18,7 +19,17 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import RMSNorm
 from ..ops.attention import RelativePositionBias, attention
-from ._common import HFConfig, activation, check_ids, check_labels, key_padding_mask
+from ..ops.padding import pad, unpad
+from ..ops.varlen_attention import varlen_attention
+from ._common import (
+    HFConfig,
+    PackedSequences,
+    activation,
+    check_ids,
+    check_labels,
+    key_padding_mask,
+    runs_varlen_kernel,
+)
 from .generation import GenerationMixin, KVCache
 from .hub import PretrainedMixin
 
@@ -158,11 +169,21 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, self.H)
 
     def heads(self, x):
-        """(B, L, H D) -> (B, H, L, D), a view."""
-        return x.unflatten(-1, (self.H, self.D)).transpose(1, 2)
+        """(B, L, H D) -> (B, H, L, D), or packed tokens (T, H D) -> (T, H, D): a view."""
+        x = x.unflatten(-1, (self.H, self.D))
+        return x if x.dim() == 3 else x.transpose(1, 2)
 
     def forward(self, x, kv, *, mask=None, rel_pos=None, causal=False):
-        """x (B, Lq, E); kv: (k, v) each (B, H, Lk, D), already projected. Returns (B, Lq, E)."""
+        """x (B, Lq, E); kv: (k, v) each (B, H, Lk, D), already projected. Returns (B, Lq, E). Or packed
+        tokens x (T, E) with mask their PackedSequences and kv each (T, H, D)."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(mask, PackedSequences):
+            cu, longest = mask.cu_seqlens, mask.max_seqlen
+            out = varlen_attention(
+                self.heads(self.q(x)), *kv, cu, cu, longest, longest, causal=causal, rel_pos=rel_pos, scale=1.0,
+                dropout_p=dropout_p,
+            )  # (T, H, D)
+            return self.o(out.flatten(1))  # (T, H, D) -> (T, H D) -> (T, E)
         B, Lq, _ = x.shape
         out = attention(
             self.heads(self.q(x)),
@@ -171,12 +192,12 @@ class T5Attention(nn.Module):
             key_padding_mask=mask,
             rel_pos=rel_pos,
             scale=1.0,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout_p,
         )  # (B, H, Lq, D)
         return self.o(out.transpose(1, 2).reshape(B, Lq, self.H * self.D))  # (B, Lq, H D) -> (B, Lq, E)
 
     def project_kv(self, memory):
-        """memory (B, Lk, E) -> k, v (B, H, Lk, D)."""
+        """memory (B, Lk, E) -> k, v (B, H, Lk, D) (packed tokens (T, E) -> (T, H, D))."""
         return self.heads(self.k(memory)), self.heads(self.v(memory))
 
 
@@ -302,6 +323,9 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     decoder_attention_mask (B, Lt) or None). With labels: the mean token loss through
     fastlm.linear_cross_entropy (no (B, Lt, V) logits); without: logits (B, Lt, V).
 
+    unpad_inputs (default True): a padded source runs through the encoder unpadded (only real tokens; varlen
+    attention) when fastlm.varlen_attention has kernels for it; the encoder output is then 0 at the padding.
+
     generate (GenerationMixin.generate) returns (B, 1 + n) decoder tokens starting with
     decoder_start_token_id (HF's layout); it stops a row at the config's eos_token_id by default and pads
     finished rows with the config's pad_token_id.
@@ -317,6 +341,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         self.encoder = T5Stack(config, is_decoder=False)
         self.decoder = T5Stack(config, is_decoder=True)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.unpad_inputs = True
         self._init_weights()
 
     def _init_weights(self):
@@ -374,8 +399,14 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         cross-attention."""
         if encoder_outputs is None:
             check_ids(input_ids, self.config.vocab_size)
-            mask = key_padding_mask(attention_mask, input_ids.shape)
-            return self.encoder(self.shared(input_ids), mask=mask), mask
+            mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, Ls) bool, None without padding
+            x = self.shared(input_ids)  # (B, Ls, E)
+            if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
+                B, Ls, _ = x.shape
+                packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
+                encoded = self.encoder(packed, mask=PackedSequences(cu_seqlens, max_seqlen))  # (T, E)
+                return pad(encoded, indices, B, Ls), mask  # (B, Ls, E), 0 at the padding
+            return self.encoder(x, mask=mask), mask
         E = self.config.d_model
         if (
             not isinstance(encoder_outputs, torch.Tensor)

@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import fastlm  # noqa: E402
 from fastlm.models import T5Config, T5ForConditionalGeneration  # noqa: E402
 
 from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend, on_device  # noqa: E402
@@ -186,3 +187,37 @@ def test_bad_inputs_and_checkpoints():
         model(src, src_mask, decoder_input_ids=torch.full((B, 2), V))
     with pytest.raises(ValueError, match="pass decoder_input_ids or labels"):
         model(src, src_mask)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unpadded_encoder_matches_the_padded_one(version):
+    """A padded source runs through the encoder unpadded (varlen attention with the relative-position bias per
+    sequence) where varlen has kernels: logits, loss and every parameter gradient are within the rule of the
+    padded run's, both against HF in fp64 (2 layers: layer 1 reuses layer 0's table)."""
+    torch.manual_seed(2)
+    hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config(version)))
+    model = T5ForConditionalGeneration.from_pretrained(hf32).eval()
+    src, src_mask, labels = batch(2)
+    decoder_input_ids = model.shift_right(labels)
+    runs = {}
+    for unpadded in (True, False):
+        model.unpad_inputs = unpadded
+        model.zero_grad()
+        before = fastlm.backends.calls.copy()
+        logits = model(src, src_mask, decoder_input_ids=decoder_input_ids).logits
+        loss = model(src, src_mask, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        runs[unpadded] = (logits, loss, grads, fastlm.backends.calls - before)
+    if "cpu" in fastlm.available_backends("cpu"):
+        assert runs[True][3][("varlen_attention", "cpu")] == 2 * 2  # 2 encoder layers, 2 forwards
+        assert ("varlen_attention", "cpu") not in runs[False][3]
+    ref = hf64(src, attention_mask=src_mask, labels=labels)
+    ref.loss.backward()
+    oracle_logits = hf64(src, attention_mask=src_mask, decoder_input_ids=decoder_input_ids).logits
+    for name, actual, padded, expected in zip(("logits", "loss"), runs[True], runs[False], (oracle_logits, ref.loss),
+                                              strict=False):
+        assert_matches_hf(actual, expected, padded, name)
+    hf_grads = dict(hf64.named_parameters())
+    for name, grad in runs[True][2].items():
+        assert_matches_hf(grad, hf_grads[name].grad, runs[False][2][name], f"grad {name}", factor=3.0)
