@@ -36,8 +36,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import nn as fnn
+from .models._common import runs_varlen_kernel
 from .models.t5 import CachedRelativePositionBias
 from .ops.attention import attention
+from .ops.varlen_attention import varlen_attention
 
 __all__ = ["FusedMultiheadAttention", "patch", "unpatch"]
 
@@ -330,8 +332,14 @@ def hf_attention(
     Calls that need what the fused kernel doesn't give — the attention weights (output_attentions=True)
     or an argument it doesn't implement (attention sinks, logit soft-capping, ...) — run the model's own
     eager attention instead, with a one-time warning, and return its weights.
+
+    Padding-free batches (transformers' DataCollatorWithFlattening with return_flash_attn_kwargs=True: one
+    row of packed sequences, with cu_seq_lens_q / cu_seq_lens_k / max_length_q / max_length_k) run
+    fastlm.varlen_attention, each sequence attending only within itself, where it has kernels (else the
+    dense mask transformers built for the packed row is used).
     """
     causal = _hf_causal(module, is_causal)
+    packed = _packed_sequences(query, kwargs)
     reason = _hf_unsupported(kwargs)
     if reason is not None:
         kwargs.update(scaling=scaling, dropout=dropout)
@@ -354,6 +362,11 @@ def hf_attention(
         )
     elif position_bias is not None and not getattr(module, "_fastlm_zero_position_bias", False):
         bias = position_bias if bias is None else bias + position_bias
+    if packed is not None and rel_pos is None and position_bias is None:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, H, T, D) -> (T, H, D)
+        out = varlen_attention(q, k, v, *packed, causal=_hf_causal(module, is_causal), dropout_p=dropout,
+                               scale=scaling)  # (T, Hq, D)
+        return out[None], None  # (T, Hq, D) -> (1, T, Hq, D)
     out = attention(
         query,
         key,
@@ -366,6 +379,19 @@ def hf_attention(
         scale=scaling,
     )
     return out.transpose(1, 2), None  # (B, Hq, Lq, D) -> (B, Lq, Hq, D)
+
+
+def _packed_sequences(query, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a padding-free call (one row of packed
+    sequences with transformers' flash-attention keyword arguments) when fastlm.varlen_attention has a
+    kernel for it; else None. A sliding window keeps the dense path."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or query.shape[0] != 1 or kwargs.get("sliding_window") is not None:
+        return None
+    if not runs_varlen_kernel(query, query.shape[-1]):
+        return None
+    longest = (int(kwargs["max_length_q"]), int(kwargs["max_length_k"]))
+    return cu_q.to(device=query.device, dtype=torch.int32), cu_k.to(device=query.device, dtype=torch.int32), *longest
 
 
 def _hf_causal(module, is_causal):

@@ -580,3 +580,45 @@ def test_multihead_attention_refuses_masks_torch_refuses(kwargs, error, match):
         mha(*inputs, need_weights=False, **kwargs)
     with pytest.raises(error, match=match):
         patched(*inputs, need_weights=False, **kwargs)
+
+
+@pytest.mark.skipif("cpu" not in fastlm.available_backends("cpu"), reason="fastlm._C not built")
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_padding_free_training_with_the_flattening_collator(family):
+    """transformers' DataCollatorWithFlattening packs the sequences into one row (positions restart, the
+    flash-attention keyword arguments name the sequences): the patched model runs fastlm's varlen attention,
+    and three AdamW steps give the losses of the same model trained on the padded batch."""
+    lengths = (11, 5, 8)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    if family == "bert":
+        model = build(transformers.BertForMaskedLM, bert_config())
+        labels = [torch.where(torch.rand(n, generator=g) < 0.4, s, -100) for n, s in zip(lengths, seqs, strict=True)]
+    else:
+        model = build(transformers.GPT2LMHeadModel, gpt2_config())
+        labels = [s.clone() for s in seqs]
+    for label in labels:
+        label[0] = -100  # the collator puts its separator (-100) on each sequence's first label
+    features = [{"input_ids": s.tolist(), "labels": y.tolist()} for s, y in zip(seqs, labels, strict=True)]
+    flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)  # one row
+    B, L = len(lengths), max(lengths)
+    padded = {"input_ids": torch.zeros(B, L, dtype=torch.long), "attention_mask": torch.zeros(B, L, dtype=torch.long),
+              "labels": torch.full((B, L), -100)}
+    for b, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+        padded["input_ids"][b, : len(s)], padded["attention_mask"][b, : len(s)], padded["labels"][b, : len(s)] = s, 1, y
+    losses = {}
+    for name, batch in (("flat", flat), ("padded", padded)):
+        trained = patched_copy(model).train()
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+        before = calls.copy()
+        losses[name] = []
+        for _ in range(3):
+            loss = trained(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+        ran = calls - before
+        assert (("varlen_attention", "cpu") in ran) == (name == "flat"), ran
+    torch.testing.assert_close(losses["flat"], losses["padded"], rtol=1e-4, atol=1e-5)
+    assert losses["flat"][-1] < losses["flat"][0]
