@@ -16,6 +16,7 @@ _PRETRAIN_HELP = {
     "tokenizer_chars": "characters of the data the tokenizer is trained on",
     "max_chars": "cap on the characters of data read",
     "seq_len": "tokens per example (T5: before span corruption)",
+    "pack_documents": "gpt: the documents packed into a block attend only within themselves, positions restart",
     "steps": "optimizer steps in all",
     "batch_size": "examples per micro-batch on each process",
     "grad_accum": "micro-batches per optimizer step",

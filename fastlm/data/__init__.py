@@ -2,7 +2,7 @@
 objectives' corruptions — BERT's MLM masking and NSP pairs, GPT's packed blocks, T5's span corruption."""
 
 from .masking import mlm_mask
-from .packing import nsp_pairs, pack_blocks
+from .packing import document_sequences, nsp_pairs, pack_blocks
 from .sources import BUILTIN, load_texts, stdlib_docstrings
 from .spans import span_corrupt, span_corruption_lengths
 from .tokenizers import Tokenizer, load_tokenizer, train_tokenizer
@@ -15,6 +15,7 @@ __all__ = [
     "mlm_mask",
     "nsp_pairs",
     "pack_blocks",
+    "document_sequences",
     "span_corrupt",
     "span_corruption_lengths",
     "stdlib_docstrings",

@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["nsp_pairs", "pack_blocks"]
+__all__ = ["document_sequences", "nsp_pairs", "pack_blocks"]
 
 
 def _stream(docs, sep_id=None):
@@ -15,14 +15,37 @@ def _stream(docs, sep_id=None):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(doc, dtype=torch.long)
 
 
-def pack_blocks(docs, block_size, eos_id):
+def pack_blocks(docs, block_size, eos_id, *, document_starts=False):
     """GPT's packing: documents (lists of ids) joined by ``eos_id`` and cut into (N, block_size) int64 blocks;
-    the tail shorter than a block is dropped. ValueError when the corpus holds no full block."""
-    ids, _ = _stream(docs, eos_id)
+    the tail shorter than a block is dropped. ValueError when the corpus holds no full block.
+
+    With ``document_starts``, returns (blocks, starts): starts (N, block_size) bool is True at the first
+    token of each document piece in a block (a block's first token, and the token after each eos_id)."""
+    ids, doc = _stream(docs, eos_id)
     n = ids.numel() // block_size
     if n == 0:
         raise ValueError(f"the data has {ids.numel()} tokens, fewer than one block of {block_size}")
-    return ids[: n * block_size].view(n, block_size)
+    blocks = ids[: n * block_size].view(n, block_size)  # (N * block_size,) -> (N, block_size)
+    if not document_starts:
+        return blocks
+    doc = doc[: n * block_size].view(n, block_size)  # (N, block_size): the document of each token
+    starts = torch.ones_like(blocks, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return blocks, starts
+
+
+def document_sequences(starts):
+    """Position ids and the packed sequences of blocks whose documents attend only within themselves.
+
+    starts: (B, L) bool, True where a document piece begins (``pack_blocks``'s; True at every row's first
+    token). Returns position_ids (B, L) int64, restarting at 0 at each start, cu_seqlens (S + 1,) int32 over
+    the B * L tokens in row order, and max_seqlen (an int)."""
+    B, L = starts.shape
+    index = torch.arange(L, device=starts.device).expand(B, L)  # (B, L)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, L): the piece's start
+    flat_starts = starts.flatten().nonzero().flatten()  # (S,)
+    ends = torch.cat([flat_starts, flat_starts.new_tensor([B * L])])  # (S + 1,)
+    return index - first, ends.to(torch.int32), int((ends[1:] - ends[:-1]).max()) if B * L else 0
 
 
 def nsp_pairs(docs, seq_len, *, cls_id, sep_id, generator=None):

@@ -5,6 +5,7 @@ hub.py reads and writes HF's format, generation.py holds the decoding loop, fine
 fine-tuning helpers.
 """
 
+from ._common import PackedSequences
 from .bert import (
     BertConfig,
     BertForMaskedLM,
@@ -18,6 +19,7 @@ from .gpt import GPTConfig, GPTLMHeadModel, GPTModel, GPTOutput
 from .t5 import T5Config, T5ForConditionalGeneration, T5Output
 
 __all__ = [
+    "PackedSequences",
     "BertConfig",
     "BertForMaskedLM",
     "BertForPreTraining",

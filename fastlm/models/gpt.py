@@ -14,14 +14,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
+from ..data.packing import document_sequences
 from ..nn import LayerNorm
 from ..ops.attention import attention
+from ..ops.varlen_attention import varlen_attention
 from ._common import (
     HFConfig,
+    PackedSequences,
     activation,
     attention_mask_bool,
     check_ids,
     check_length,
+    check_same_shape,
     init_normal,
     key_padding_mask,
     scaled_std,
@@ -101,14 +105,21 @@ class GPTAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x, mask, cache=None, layer=0):
-        B, L, E = x.shape
+        """x (B, L, E) with mask the (B, Lk) key padding mask or None; or packed tokens x (T, E) with mask
+        their PackedSequences (documents attending only within themselves)."""
         H = self.n_head
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if isinstance(mask, PackedSequences):
+            T, E = x.shape
+            q, k, v = self.c_attn(x).view(T, 3, H, E // H).unbind(1)  # (T, 3E) -> (T, 3, H, D) -> 3 x (T, H, D)
+            cu, longest = mask.cu_seqlens, mask.max_seqlen
+            out = varlen_attention(q, k, v, cu, cu, longest, longest, causal=True, dropout_p=dropout_p)
+            return self.resid_dropout(self.c_proj(out.reshape(T, E)))  # (T, H, D) -> (T, E)
+        B, L, E = x.shape
         q, k, v = self.c_attn(x).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H, Lk, D), the past and these L positions
-        out = attention(
-            q, k, v, causal=True, key_padding_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0
-        )  # (B, H, L, D)
+        out = attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=dropout_p)  # (B, H, L, D)
         out = out.transpose(1, 2).reshape(B, L, E)  # (B, H, L, D) -> (B, L, H, D) -> (B, L, E)
         return self.resid_dropout(self.c_proj(out))
 
@@ -147,7 +158,9 @@ class GPTModel(nn.Module):
     """The GPT-2 body: token + learned position embeddings, blocks, final LayerNorm.
 
     forward(input_ids (B, L), attention_mask (B, Lk) 1 = token / 0 = padding over past + new keys,
-    position_ids (B, L) or None (past length + arange), cache: a KVCache or None) -> (B, L, E).
+    position_ids (B, L) or None (past length + arange), cache: a KVCache or None, sequences: a
+    PackedSequences over the B * L tokens (row order) whose sequences attend only within themselves, e.g.
+    documents packed into blocks (``fastlm.data.document_sequences``; needs their position_ids)) -> (B, L, E).
     """
 
     def __init__(self, config):
@@ -159,9 +172,11 @@ class GPTModel(nn.Module):
         self.h = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, sequences=None):
         check_ids(input_ids, self.config.vocab_size)
         B, L = input_ids.shape
+        if sequences is not None:
+            return self._packed(input_ids, position_ids, sequences, attention_mask, cache)
         past = cache.length() if cache is not None else 0
         if position_ids is None:
             check_length(past + L, self.config.n_positions)
@@ -175,6 +190,21 @@ class GPTModel(nn.Module):
             x, residual = block(x, residual, mask, cache, i)
         return self.ln_f(x, residual=residual)  # (B, L, E)
 
+    def _packed(self, input_ids, position_ids, sequences, attention_mask, cache):
+        """forward over the B * L tokens of input_ids split into ``sequences``."""
+        if not isinstance(sequences, PackedSequences) or position_ids is None or attention_mask is not None or cache:
+            raise ValueError(
+                "sequences must be a PackedSequences given with their position_ids, and without attention_mask "
+                "or cache"
+            )
+        B, L = input_ids.shape
+        self._check_positions(position_ids, B, L)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids)).flatten(0, 1)  # (B, L, E) -> (B * L, E)
+        residual = None
+        for i, block in enumerate(self.h):
+            x, residual = block(x, residual, sequences, None, i)
+        return self.ln_f(x, residual=residual).unflatten(0, (B, L))  # (B * L, E) -> (B, L, E)
+
     def _check_positions(self, position_ids, B, L):
         """position_ids: integer (B, L) or (1, L), each in [0, n_positions)."""
         check_ids(position_ids, self.config.n_positions, "position_ids", table="the position table")
@@ -187,9 +217,12 @@ class GPTModel(nn.Module):
 class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
     """GPT-2 with its LM head tied to the token embeddings.
 
-    forward(input_ids (B, L), attention_mask=None, labels=None, position_ids=None): with labels (B, L)
-    (-100 = ignored; shifted inside: position t predicts labels[t + 1]) the mean next-token loss through
-    fastlm.linear_cross_entropy, no (B, L, V) logits formed; without, logits (B, L, V).
+    forward(input_ids (B, L), attention_mask=None, labels=None, position_ids=None, document_starts=None): with
+    labels (B, L) (-100 = ignored; shifted inside: position t predicts labels[t + 1]) the mean next-token loss
+    through fastlm.linear_cross_entropy, no (B, L, V) logits formed; without, logits (B, L, V).
+    document_starts (B, L) bool: documents packed into the rows attend only within themselves (True where one
+    begins, and at each row's first token; ``fastlm.data.pack_blocks(..., document_starts=True)``), their
+    positions restarting at 0 unless position_ids is given; one host sync reads the longest document.
 
     generate (GenerationMixin.generate) continues prompts (B, L) batched with LEFT padding and returns the
     prompts then the new tokens; by default it runs max_new_tokens (no EOS) and pads finished rows with EOS.
@@ -216,8 +249,14 @@ class GPTLMHeadModel(GenerationMixin, PretrainedMixin, nn.Module):
 
     _state_to_hf = _state_from_hf
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
-        h = self.transformer(input_ids, attention_mask, position_ids)  # (B, L, E)
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, document_starts=None):
+        sequences = None
+        if document_starts is not None:
+            check_same_shape(document_starts, "document_starts", input_ids.shape)
+            positions, cu_seqlens, max_seqlen = document_sequences(document_starts.bool())
+            position_ids = positions if position_ids is None else position_ids
+            sequences = PackedSequences(cu_seqlens, max_seqlen)
+        h = self.transformer(input_ids, attention_mask, position_ids, sequences=sequences)  # (B, L, E)
         weight = self.transformer.wte.weight  # (V, E), tied
         if labels is None:
             return GPTOutput(logits=F.linear(h, weight), last_hidden_state=h)

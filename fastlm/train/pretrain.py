@@ -42,6 +42,7 @@ class PretrainConfig:
     tokenizer_chars: int = 500_000
     max_chars: int | None = 1_000_000
     seq_len: int = 128
+    pack_documents: bool = False
     steps: int = 200
     batch_size: int = 16
     grad_accum: int = 1
@@ -170,7 +171,7 @@ def _tokenizer(config, docs, run):
 
 def _check_config(config):
     """ValueError naming the first flag of ``config`` out of its range."""
-    get_task(config.family)
+    get_task(config.family, config.pack_documents)
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep", "tokenizer_chars"):
         check_int(name, getattr(config, name), 1)
     check_int("seq_len", config.seq_len, 2)
@@ -190,7 +191,7 @@ def _check_config(config):
 # these, so a change would silently make a different run.
 FIXED_ON_RESUME = (
     "family", "preset", "data", "max_chars", "tokenizer", "vocab_size", "tokenizer_chars", "seq_len",
-    "batch_size", "grad_accum", "eval_batches", "dropout", "seed",
+    "pack_documents", "batch_size", "grad_accum", "eval_batches", "dropout", "seed",
 )  # fmt: skip
 # What a resumed run may change; applied from the checkpoint's step on (the schedule is recomputed with them).
 APPLIED_ON_RESUME = (
@@ -255,7 +256,8 @@ def _set_up(config):
     _check_config(config)
     device = _device(config)
     ddp = _Dist(device)
-    run = _Run(config, get_task(config.family), device, ddp, os.path.join(config.out, "checkpoints"))
+    task = get_task(config.family, config.pack_documents)
+    run = _Run(config, task, device, ddp, os.path.join(config.out, "checkpoints"))
     check_out(config.out, resume=config.resume, overwrite=config.overwrite)
     ddp.barrier()  # every rank has seen --out as it was before rank 0 clears it
     if run.is_main and not config.resume:

@@ -118,13 +118,18 @@ class BertTask(Task):
 
 
 class GPTTask(Task):
-    """Next-token prediction over packed blocks of documents joined by <|endoftext|>."""
+    """Next-token prediction over packed blocks of documents joined by <|endoftext|>. With pack_documents
+    (``--pack-documents``), the documents in a block attend only within themselves and their positions restart
+    at each document (varlen attention); the loss is as without."""
 
     family = "gpt"
     config_class = models.GPTConfig
     model_class = models.GPTLMHeadModel
     presets = {"tiny": "gpt2-tiny", "base": "gpt2", "medium": "gpt2-medium"}
     dropout_fields = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    def __init__(self, pack_documents=False):
+        self.pack_documents = pack_documents
 
     def token_overrides(self, tokenizer):
         return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
@@ -133,15 +138,21 @@ class GPTTask(Task):
         return model_config.n_positions
 
     def examples(self, docs, tokenizer, seq_len, generator):
-        return {"input_ids": pack_blocks(docs, seq_len, tokenizer.eos_id)}
+        if not self.pack_documents:
+            return {"input_ids": pack_blocks(docs, seq_len, tokenizer.eos_id)}
+        blocks, starts = pack_blocks(docs, seq_len, tokenizer.eos_id, document_starts=True)
+        return {"input_ids": blocks, "document_starts": starts}
 
     def batch(self, rows, tokenizer, generator, device):
         ids = rows["input_ids"].to(device)
-        return {"input_ids": ids, "labels": ids}
+        batch = {"input_ids": ids, "labels": ids}
+        if "document_starts" in rows:
+            batch["document_starts"] = rows["document_starts"].to(device)
+        return batch
 
     @torch.no_grad()
     def evaluate(self, model, batch):
-        logits = model(batch["input_ids"]).logits[:, :-1].float()  # (B, L-1, V)
+        logits = model(batch["input_ids"], document_starts=batch.get("document_starts")).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
@@ -190,11 +201,16 @@ class T5Task(Task):
 TASKS = {"bert": BertTask, "gpt": GPTTask, "t5": T5Task}
 
 
-def get_task(family):
-    """The ``Task`` of ``family`` (bert, gpt or t5); ValueError naming the choices otherwise."""
+def get_task(family, pack_documents=False):
+    """The ``Task`` of ``family`` (bert, gpt or t5); ValueError naming the choices otherwise. pack_documents:
+    GPT's documents attend only within themselves (ValueError for the other families)."""
     if family not in TASKS:
         raise ValueError(f"model family must be one of {', '.join(TASKS)}, got {family!r}")
-    return TASKS[family]()
+    if not pack_documents:
+        return TASKS[family]()
+    if family != "gpt":
+        raise ValueError(f"--pack-documents is for gpt (documents packed into blocks), got {family}")
+    return GPTTask(pack_documents=True)
 
 
 def finish_metrics(sums):

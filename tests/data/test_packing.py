@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastlm.data import nsp_pairs, pack_blocks
+from fastlm.data import document_sequences, nsp_pairs, pack_blocks
 
 
 def test_pack_blocks():
@@ -10,6 +10,16 @@ def test_pack_blocks():
     assert blocks.tolist() == [[5, 6, 7, 0], [8, 9, 0, 10], [11, 12, 13, 0]]
     with pytest.raises(ValueError, match="fewer than one block"):
         pack_blocks([[1]], 4, eos_id=0)
+
+
+def test_pack_blocks_document_starts_and_their_sequences():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    blocks, starts = pack_blocks(docs, 4, eos_id=0, document_starts=True)
+    assert blocks.tolist() == [[5, 6, 7, 0], [8, 9, 0, 10], [11, 12, 13, 0]]
+    assert starts.tolist() == [[True, False, False, False], [True, False, False, True], [True, False, False, False]]
+    position_ids, cu_seqlens, max_seqlen = document_sequences(starts)
+    assert position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 4, 7, 8, 12] and max_seqlen == 4
 
 
 def test_nsp_pairs():

@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from fastlm.models import GPTConfig, GPTLMHeadModel  # noqa: E402
+from fastlm.data import document_sequences  # noqa: E402
+from fastlm.models import GPTConfig, GPTLMHeadModel, PackedSequences  # noqa: E402
 from fastlm.models.gpt import _CONV1D  # noqa: E402
 
 from .helpers import assert_grads_match, assert_matches_hf, hf_pair, on_backend, on_device  # noqa: E402
@@ -157,3 +158,27 @@ def test_bad_checkpoints_and_inputs(tmp_path):
         model(torch.tensor([[1, 2, V]]))
     with pytest.raises(ValueError, match="25 positions but the model's position table holds 24"):
         model(torch.ones(1, 25, dtype=torch.long))
+
+
+def test_packed_documents_attend_only_within_themselves():
+    """document_starts (documents packed into blocks): each document's logits equal those of the document run
+    alone, from position 0; the loss is the blocks' next-token loss. GPTModel takes the PackedSequences."""
+    torch.manual_seed(0)
+    model = GPTLMHeadModel(GPTConfig.preset("gpt2-tiny", vocab_size=50, n_embd=32, n_positions=16)).eval()
+    starts = torch.zeros(2, 12, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, [5, 9]] = True  # row 0: documents of 5, 4 and 3 tokens; row 1: one of 12
+    ids = torch.randint(0, 50, (2, 12))
+    logits = model(ids, document_starts=starts).logits  # (2, 12, V)
+    for row, lo, hi in ((0, 0, 5), (0, 5, 9), (0, 9, 12), (1, 0, 12)):
+        alone = model(ids[row : row + 1, lo:hi]).logits[0]  # (hi - lo, V)
+        torch.testing.assert_close(logits[row, lo:hi], alone, rtol=1e-5, atol=1e-5)
+    loss = model(ids, labels=ids, document_starts=starts).loss
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    position_ids, cu_seqlens, max_seqlen = document_sequences(starts)
+    sequences = PackedSequences(cu_seqlens, max_seqlen)
+    h = model.transformer(ids, position_ids=position_ids, sequences=sequences)  # (2, 12, E)
+    torch.testing.assert_close(model(ids, document_starts=starts).last_hidden_state, h)
+    with pytest.raises(ValueError, match="given with their position_ids"):
+        model.transformer(ids, sequences=sequences)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import fastlm
 from fastlm.cli import main
 from fastlm.train import checkpoint as checkpoint_module
 from fastlm.train import load_checkpoint, pretrain, save_checkpoint
@@ -25,6 +26,20 @@ def test_pretrain_runs_and_learns(small, tmp_path, family):
     for name in ("loss.png", "history.json", "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
         assert os.path.isfile(tmp_path / name), name
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000005.pt", "step-00000010.pt"]
+
+
+def test_gpt_pack_documents(small, tmp_path):
+    """--pack-documents: the documents of a block attend only within themselves (varlen attention, positions
+    restarting); the run learns, the flag is kept on resume, and the other families refuse it."""
+    before = fastlm.backends.calls.copy()
+    history = pretrain(small("gpt", tmp_path, steps=6, eval_every=3, pack_documents=True))
+    loss = history["loss"]
+    assert all(math.isfinite(x) for x in loss) and sum(loss[-2:]) / 2 < loss[0]
+    assert any(op == "varlen_attention" for op, _ in fastlm.backends.calls - before)
+    with pytest.raises(ValueError, match="cannot change --pack-documents "):
+        pretrain(small("gpt", tmp_path, steps=7, eval_every=3, resume=True))
+    with pytest.raises(ValueError, match="--pack-documents is for gpt"):
+        pretrain(small("bert", tmp_path / "bert", pack_documents=True))
 
 
 def test_resume_is_bit_identical(small, tmp_path):
