@@ -169,16 +169,17 @@ def _row_stats(LSE, DELTA, row_bh, offs_m, m_ok):
 
 @triton.jit
 def _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale,
-                  dropout_p, seed, OPT: tl.constexpr):
+                  dropout_p, seed, drop_lq, drop_lk, OPT: tl.constexpr):
     """Backward of one tile from qk = Q · Kᵀ (BLOCK_M, BLOCK_N) fp32, dO (BLOCK_M, BLOCK_D) and Vᵀ
     (BLOCK_D, BLOCK_N): the dropped-out probabilities P·keep/(1-p) (what multiplied V) and
-    dS = P ∘ (dP·keep/(1-p) − Delta) with dP = dO · Vᵀ, both (BLOCK_M, BLOCK_N) fp32."""
+    dS = P ∘ (dP·keep/(1-p) − Delta) with dP = dO · Vᵀ, both (BLOCK_M, BLOCK_N) fp32. The dropout offsets
+    use the lengths drop_lq, drop_lk (Lq, Lk here; the padded maxima for varlen)."""
     s = _scores(qk, terms, h, offs_m, offs_n, start_m, start_n, Lq, Lk, sm_scale, OPT, OPT.CAUSAL)
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision=OPT.PRECISION)  # after P: fewer tiles live at once
     p_drop = p
     if OPT.DROPOUT:
-        keep = _dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p)
+        keep = _dropout_keep(seed, b, h, Hq, drop_lq, drop_lk, offs_m, offs_n, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_drop = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -187,8 +188,9 @@ def _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, star
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, lo, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok, start_m,
-               Lq, Lk, sm_scale, dropout_p, seed, OPT: tl.constexpr, CAUSAL: tl.constexpr):
-    """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i)."""
+               Lq, Lk, sm_scale, dropout_p, seed, drop_lq, drop_lk, OPT: tl.constexpr, CAUSAL: tl.constexpr):
+    """Online softmax of the Q tile over the key tiles [lo, hi): returns the updated (acc, m_i, l_i). The
+    dropout offsets use the lengths drop_lq, drop_lk (Lq, Lk here; the padded maxima for varlen)."""
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -202,7 +204,7 @@ def _fwd_tiles(acc, m_i, l_i, q, lo, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if OPT.DROPOUT:
-            p = tl.where(_dropout_keep(seed, b, h, Hq, Lq, Lk, offs_m, offs_n, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, b, h, Hq, drop_lq, drop_lk, offs_m, offs_n, dropout_p), p, 0.0)
         v = tl.load(_tile(V_H, sv, offs_n, offs_d), mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=OPT.PRECISION)
         m_i = m_new
@@ -226,9 +228,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, sq, sk, sv, so, terms, Hq, Lq, Lk, GROUP, sm_
     if OPT.CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
         mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, 0, mid, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
-                                   start_m, Lq, Lk, sm_scale, dropout_p, seed, OPT, False)
+                                   start_m, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT, False)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, mid, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
-                               start_m, Lq, Lk, sm_scale, dropout_p, seed, OPT, OPT.CAUSAL)
+                               start_m, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT, OPT.CAUSAL)
 
     empty = l_i == 0.0  # no visible key: zeros, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -250,13 +252,32 @@ def _bwd_preprocess_kernel(Out, DO, DELTA, so, sdo, Hq, Lq, OPT: tl.constexpr):
 
 
 @triton.jit
+def _dtable_tile(ds, BUCKET, start_m, start_n, Lq, Lk, OPT: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """The table gradient of one (BLOCK_M, BLOCK_N) dS tile for its query head: dS summed per diagonal
+    j - i + Lq - 1 (a skewed copy of the tile), then per bucket (BUCKET indexed by diagonal): (BLOCK_NB,)."""
+    BLOCK_M: tl.constexpr = OPT.BLOCK_M
+    BLOCK_N: tl.constexpr = OPT.BLOCK_N
+    REL_W: tl.constexpr = OPT.REL_W
+    # skew: row i of ds shifted right by (BLOCK_M - 1 - i), so column t holds diagonal t
+    t = tl.arange(0, REL_W)[None, :]
+    src = t - (BLOCK_M - 1) + tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, REL_W)
+    src_ok = (src >= 0) & (src < BLOCK_N)
+    skewed = tl.gather(ds, tl.where(src_ok, src, 0), 1)
+    diag_sum = tl.sum(tl.where(src_ok, skewed, 0.0), 0)  # (REL_W,)
+    offs_t = start_n - start_m - (BLOCK_M - 1) + Lq - 1 + tl.arange(0, REL_W)
+    t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
+    bucket = tl.load(BUCKET + offs_t, mask=t_ok, other=-1)
+    onehot = bucket[:, None] == tl.arange(0, BLOCK_NB)[None, :]  # (REL_W, BLOCK_NB)
+    return tl.sum(tl.where(onehot, diag_sum[:, None], 0.0), 0)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, sq, sk, sv, sdo, sdk, sdv, terms,
                      Hq, Hkv, Lq, Lk, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed, OPT: tl.constexpr,
                      WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr):
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
-    REL_W: tl.constexpr = OPT.REL_W
     b, hk, start_n, offs_n, offs_d, d_ok = _program(Hkv, OPT, BLOCK_N)
     nd_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
     k = tl.load(_tile(_head(K, sk, b, hk), sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
@@ -285,24 +306,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, sq, sk, sv,
             lse2, delta = _row_stats(LSE, DELTA, row_bh, offs_m, m_ok)
             qk = tl.dot(q, tl.trans(k), input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
             p_drop, ds = _probs_and_ds(qk, do, tl.trans(v), lse2, delta, terms_h, b, h, Hq, offs_m, offs_n,
-                                       start_m, start_n, Lq, Lk, sm_scale, dropout_p, seed, OPT)
+                                       start_m, start_n, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT)
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=OPT.PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=OPT.PRECISION)
             if WRITE_DBIAS:
                 tl.store(DBIAS + (row_bh + offs_m[:, None]) * Lk + offs_n[None, :], ds,
                          mask=m_ok[:, None] & (offs_n[None, :] < Lk))
             if WRITE_DTABLE:
-                # skew: row i of ds shifted right by (BLOCK_M - 1 - i), so column t holds diagonal t
-                t = tl.arange(0, REL_W)[None, :]
-                src = t - (BLOCK_M - 1) + tl.arange(0, BLOCK_M)[:, None]  # (BLOCK_M, REL_W)
-                src_ok = (src >= 0) & (src < BLOCK_N)
-                skewed = tl.gather(ds, tl.where(src_ok, src, 0), 1)
-                diag_sum = tl.sum(tl.where(src_ok, skewed, 0.0), 0)  # (REL_W,)
-                offs_t = start_n - start_m - (BLOCK_M - 1) + Lq - 1 + tl.arange(0, REL_W)
-                t_ok = (offs_t >= 0) & (offs_t < Lq + Lk - 1)
-                bucket = tl.load(terms.bucket + offs_t, mask=t_ok, other=-1)
-                onehot = bucket[:, None] == tl.arange(0, BLOCK_NB)[None, :]  # (REL_W, BLOCK_NB)
-                dtable += tl.sum(tl.where(onehot, diag_sum[:, None], 0.0), 0)
+                dtable += _dtable_tile(ds, terms.bucket, start_m, start_n, Lq, Lk, OPT, BLOCK_NB)
         if WRITE_DTABLE:
             offs_nb = tl.arange(0, BLOCK_NB)
             row = ((b * Hq + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * NUM_BUCKETS
@@ -333,7 +344,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, terms, Hq,
         vt = tl.load(_tile_t(V_H, sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, kt, input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
         _, ds = _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, start_m, start_n,
-                              Lq, Lk, sm_scale, dropout_p, seed, OPT)
+                              Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=OPT.PRECISION)
     dq = dq * sm_scale
     tl.store(_tile(_head(DQ, sdq, b, h), sdq, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=md_ok)

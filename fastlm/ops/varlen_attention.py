@@ -30,9 +30,12 @@ from .cross_entropy import _host_checks
 
 __all__ = ["varlen_attention", "varlen_attention_reference"]
 
-# The CPU C++ kernels (csrc/cpu/attention.cpp) take every kernel dtype and head dims up to 256; the Triton
-# and CUDA kernels have no varlen path yet (CUDA tensors run the reference).
-VARLEN_ATTENTION = OpFamily("varlen_attention", ("varlen_attention",), {"cpu": Kernels(max_head_dim=256)})
+# The Triton kernels (kernels/varlen_attention.py) and the CPU C++ kernels (csrc/cpu/attention.cpp) take every
+# kernel dtype and head dims up to 256; the CUDA C++ kernels have no varlen path yet.
+VARLEN_ATTENTION = OpFamily(
+    "varlen_attention", ("varlen_attention",),
+    {"triton": Kernels(max_head_dim=256), "cpu": Kernels(max_head_dim=256)},
+)
 
 
 def varlen_attention_reference(
