@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm.ops.attention import ATTENTION, RelativePositionBias, attention_reference
+from fastlm.ops.varlen_attention import VARLEN_ATTENTION
 
 from . import harness
 from .harness import Case
@@ -57,6 +58,7 @@ SDPA_BACKENDS = {
 # (CPU case label, implementation, baseline, the least speedup over the baseline the fastlm cpu kernel aims at)
 TARGETS = [
     ("bert-pad", "fastlm cpu", "sdpa flash", 1.0),
+    ("bert-pad", "fastlm cpu varlen", "fastlm cpu", 1.5),
     ("gpt-causal", "fastlm cpu", "sdpa flash", 1.0),
     ("t5-relpos", "fastlm cpu", "torch eager", 2.0),
     ("t5-relpos", "fastlm cpu", "torch.compile eager", 1.3),
@@ -87,8 +89,15 @@ def _dense_bias(q, k, mask, table, causal, bidirectional):
     return bias
 
 
-def _impls(device, causal, rel_pos):
-    """Implementations as name -> fn(q, k, v, mask, table), and absent peers as name -> why."""
+def _varlen_backends(device):
+    """Backends of fastlm.varlen_attention worth timing on `device` (as _fastlm_backends)."""
+    skip = {"reference", "cuda_emu"} | ({"triton"} if device.type == "cpu" else set())
+    return [b for b in VARLEN_ATTENTION.available(device) if b not in skip]
+
+
+def _impls(device, causal, rel_pos, padded=False):
+    """Implementations as name -> fn(q, k, v, mask, table), and absent peers as name -> why. padded: the
+    case pads its keys (fastlm's varlen attention on the packed tokens is timed too)."""
     scale = 1.0 if rel_pos else None
     bidirectional = not causal
     impls, absent = {}, {}
@@ -101,8 +110,25 @@ def _impls(device, causal, rel_pos):
 
         return run
 
+    def varlen(backend):
+        def run(q, k, v, mask, table):
+            rp = None if table is None else RelativePositionBias(table, bidirectional)
+            B, H, L, _ = q.shape
+            # (B, H, L, D) -> (B, L, H, D) -> (T, H, D): the real tokens only
+            packed = [fastlm.unpad(t.transpose(1, 2), mask) for t in (q, k, v)]
+            (q_p, indices, cu, longest), (k_p, *_), (v_p, *_) = packed
+            with fastlm.use_backend(backend):
+                out = fastlm.varlen_attention(q_p, k_p, v_p, cu, cu, longest, longest, causal=causal, rel_pos=rp,
+                                              scale=scale)  # (T, H, D)
+            return fastlm.pad(out, indices, B, L).transpose(1, 2)  # (T, H, D) -> (B, L, H, D) -> (B, H, L, D)
+
+        return run
+
     for backend in _fastlm_backends(device):
         impls[f"fastlm {backend}"] = ours(backend)
+    if padded:  # the padded batch as packed sequences (unpad and pad of q, k, v and the output counted)
+        for backend in _varlen_backends(device):
+            impls[f"fastlm {backend} varlen"] = varlen(backend)
     if device.type == "cpu":
         absent["fastlm triton"] = "Triton runs CPU tensors only through its interpreter (not timed)"
         if "fastlm cpu" not in impls:
@@ -271,7 +297,7 @@ def cases(device, quick=False, keep=None):
             table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
             return q, k, v, mask, table
 
-        impls, absent = _impls(device, causal, rel_pos)
+        impls, absent = _impls(device, causal, rel_pos, padded=pad and Lq == Lk)
         _probe(impls, absent, device, dtype, D, causal, pad, rel_pos)
         flops = 4 * B * H * Lq * Lk * D / (2 if causal else 1)
         result.append(
