@@ -73,9 +73,10 @@ def test_cpu_cases_and_the_fastlm_cpu_row():
     assert shapes == []
     labels = {entry[0]: entry[1:] for entry in bench_attention.CPU_SHAPES}
     assert labels["long-causal"] == (1, 8, 2048, 2048, 64, True, False, False)
-    impls, absent = bench_attention._impls(CPU, causal=False, rel_pos=True)
+    impls, absent = bench_attention._impls(CPU, causal=False, rel_pos=True, padded=True)
     assert {"torch eager", "torch.compile eager", "hf T5 eager", "sdpa flash"} <= set(impls)
     assert ("fastlm cpu" in impls) != ("fastlm cpu" in absent)
+    assert ("fastlm cpu varlen" in impls) == ("fastlm cpu" in impls)  # padded cases time varlen too
 
 
 def _row(shape, impl, ms, peak=None):
@@ -86,6 +87,7 @@ def test_attention_summary_gives_the_issues_ratios():
     rows = [
         _row("bert-pad 4x4x128x128x64", "sdpa flash", 3.0),
         _row("bert-pad 4x4x128x128x64", "fastlm cpu", 2.0),
+        _row("bert-pad 4x4x128x128x64", "fastlm cpu varlen", 1.0),
         _row("t5-relpos 4x4x128x128x64", "torch eager", 8.0),
         _row("t5-relpos 4x4x128x128x64", "torch.compile eager", 6.0),
         _row("long-causal 1x8x2048x2048x64", "sdpa flash", 10.0, peak=40.0),
@@ -94,6 +96,7 @@ def test_attention_summary_gives_the_issues_ratios():
     ]
     assert bench_attention.summary(rows) == [
         "bert-pad 4x4x128x128x64: fastlm cpu over sdpa flash 1.50× (target ≥ 1.0×)",
+        "bert-pad 4x4x128x128x64: fastlm cpu varlen over fastlm cpu 2.00× (target ≥ 1.5×)",
         "t5-relpos 4x4x128x128x64: fastlm cpu over torch eager not timed (target ≥ 2.0×)",
         "t5-relpos 4x4x128x128x64: fastlm cpu over torch.compile eager not timed (target ≥ 1.3×)",
         "long-causal 1x8x2048x2048x64: fastlm cpu over sdpa flash not timed (target ≥ 1.0×)",
