@@ -74,11 +74,33 @@ def _tile_t(head, strides, offs_r, offs_c):
 
 
 @triton.jit
-def _terms_at(terms, b, h):
-    """`terms` with the bias moved to head (b, h) and the key padding mask to sequence b."""
+def _terms_at(terms, b, h, Lk, Lk_b):
+    """`terms` with the bias moved to head (b, h), the key padding mask to sequence b, and the bucket array
+    by Lk - Lk_b (varlen: the shared buckets of the longest lengths, read at the sequence's diagonals)."""
     return ScoreTerms(_head(terms.bias, terms.bias_strides, b, h), terms.bias_strides,
                       terms.mask + b.to(tl.int64) * terms.mask_strides[0], terms.mask_strides,
-                      terms.kv_len, terms.table, terms.table_strides, terms.bucket)
+                      terms.kv_len, terms.table, terms.table_strides, terms.bucket + (Lk - Lk_b))
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, b, Lq, Lk, VARLEN: tl.constexpr):
+    """Batch entry b's first query and key rows (int64) and its lengths: row 0 and the tensors' Lq, Lk, or
+    with VARLEN sequence b of the packed rows (kernels/varlen_attention.py), from cu_seqlens."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(CU_K + b)
+        return q0.to(tl.int64), k0.to(tl.int64), tl.load(CU_Q + b + 1) - q0, tl.load(CU_K + b + 1) - k0
+    else:
+        return b.to(tl.int64) * 0, b.to(tl.int64) * 0, Lq, Lk
+
+
+@triton.jit
+def _stats_row(b, h, Hq, Lq, Tq, q0, VARLEN: tl.constexpr):
+    """The row of query 0 of (b, h) in the LSE and Delta: (B * Hq, Lq), or varlen's (Hq, Tq)."""
+    if VARLEN:
+        return h.to(tl.int64) * Tq + q0
+    else:
+        return (b * Hq + h).to(tl.int64) * Lq
 
 
 @triton.jit
@@ -212,33 +234,39 @@ def _fwd_tiles(acc, m_i, l_i, q, lo, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE, sq, sk, sv, so, terms, Hq, Lq, Lk, GROUP, sm_scale, dropout_p, seed,
-                OPT: tl.constexpr):
+def _fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, sq, sk, sv, so, terms, Hq, Lq, Lk, Tq, GROUP, sm_scale, dropout_p,
+                seed, OPT: tl.constexpr, VARLEN: tl.constexpr):
+    """Lq, Lk: the tensors' lengths, or varlen's longest (the dropout offsets and the bucket array follow them);
+    each program's own are its batch entry's (_sequence)."""
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
-    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(Q, sq, K, sk, V, sv, Hq, Lq, GROUP, OPT)
-    terms = _terms_at(terms, b, h)
+    q0, k0, Lq_b, Lk_b = _sequence(CU_Q, CU_K, tl.program_id(1) // Hq, Lq, Lk, VARLEN)
+    if tl.program_id(0) * BLOCK_M >= Lq_b:  # varlen: past a shorter sequence's queries
+        return
+    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(
+        Q + q0 * sq[2], sq, K + k0 * sk[2], sk, V + k0 * sv[2], sv, Hq, Lq_b, GROUP, OPT)
+    terms = _terms_at(terms, b, h, Lk, Lk_b)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = _key_end(terms, b, start_m, Lq, Lk, OPT)
+    hi = _key_end(terms, b, start_m, Lq_b, Lk_b, OPT)
     mid = 0
     if OPT.CAUSAL:  # key tiles before `mid` are visible to every row of the Q tile: no causal mask there
-        mid = tl.minimum(tl.maximum(start_m + Lk - Lq + 1, 0) // BLOCK_N * BLOCK_N, hi)
+        mid = tl.minimum(tl.maximum(start_m + Lk_b - Lq_b + 1, 0) // BLOCK_N * BLOCK_N, hi)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, 0, mid, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
-                                   start_m, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT, False)
+                                   start_m, Lq_b, Lk_b, sm_scale, dropout_p, seed, Lq, Lk, OPT, False)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, mid, hi, K_H, sk, V_H, sv, terms, b, h, Hq, offs_m, offs_d, d_ok,
-                               start_m, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT, OPT.CAUSAL)
+                               start_m, Lq_b, Lk_b, sm_scale, dropout_p, seed, Lq, Lk, OPT, OPT.CAUSAL)
 
     empty = l_i == 0.0  # no visible key: zeros, LSE -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if OPT.DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    tl.store(_tile(_head(Out, so, b, h), so, offs_m, offs_d), out.to(Out.dtype.element_ty), mask=md_ok)
+    tl.store(_tile(_head(Out + q0 * so[2], so, b, h), so, offs_m, offs_d), out.to(Out.dtype.element_ty), mask=md_ok)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(LSE + tl.program_id(1).to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)  # row b * Hq + h
+    tl.store(LSE + _stats_row(b, h, Hq, Lq, Tq, q0, VARLEN) + offs_m, lse, mask=offs_m < Lq_b)
 
 
 @triton.jit
@@ -272,82 +300,94 @@ def _dtable_tile(ds, BUCKET, start_m, start_n, Lq, Lk, OPT: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, sq, sk, sv, sdo, sdk, sdv, terms,
-                     Hq, Hkv, Lq, Lk, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed, OPT: tl.constexpr,
-                     WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, DTABLE, CU_Q, CU_K, sq, sk, sv, sdo, sdk, sdv, terms,
+                     Hq, Hkv, Lq, Lk, Tq, GROUP, NUM_BUCKETS, sm_scale, dropout_p, seed, OPT: tl.constexpr,
+                     WRITE_DBIAS: tl.constexpr, WRITE_DTABLE: tl.constexpr, BLOCK_NB: tl.constexpr,
+                     VARLEN: tl.constexpr):
+    """Lq, Lk, VARLEN: as _fwd_kernel's."""
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
+    q0, k0, Lq_b, Lk_b = _sequence(CU_Q, CU_K, tl.program_id(1) // Hkv, Lq, Lk, VARLEN)
+    if tl.program_id(0) * BLOCK_N >= Lk_b:  # varlen: past a shorter sequence's keys
+        return
     b, hk, start_n, offs_n, offs_d, d_ok = _program(Hkv, OPT, BLOCK_N)
-    nd_ok = (offs_n[:, None] < Lk) & d_ok[None, :]
-    k = tl.load(_tile(_head(K, sk, b, hk), sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
-    v = tl.load(_tile(_head(V, sv, b, hk), sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
+    nd_ok = (offs_n[:, None] < Lk_b) & d_ok[None, :]
+    K_H = _head(K + k0 * sk[2], sk, b, hk)
+    V_H = _head(V + k0 * sv[2], sv, b, hk)
+    k = tl.load(_tile(K_H, sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
+    v = tl.load(_tile(V_H, sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BN, BD)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = 0
     if OPT.CAUSAL:  # first query that sees key start_n
-        lo = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
-    hi = Lq
+        lo = (tl.maximum(start_n - (Lk_b - Lq_b), 0) // BLOCK_M) * BLOCK_M
+    hi = Lq_b
     if OPT.HAS_MASK:  # no query sees a tile after the last kept key: dK = dV = 0
-        hi = tl.where(start_n < tl.load(terms.kv_len + b), Lq, lo)
+        hi = tl.where(start_n < tl.load(terms.kv_len + b), Lq_b, lo)
     for g in range(GROUP):
         h = hk * GROUP + g
-        row_bh = (b * Hq + h).to(tl.int64) * Lq
-        Q_H = _head(Q, sq, b, h)
-        DO_H = _head(DO, sdo, b, h)
-        terms_h = _terms_at(terms, b, h)
+        row_bh = _stats_row(b, h, Hq, Lq, Tq, q0, VARLEN)
+        Q_H = _head(Q + q0 * sq[2], sq, b, h)
+        DO_H = _head(DO + q0 * sdo[2], sdo, b, h)
+        terms_h = _terms_at(terms, b, h, Lk, Lk_b)
         dtable = tl.zeros((BLOCK_NB,), tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Lq
+            m_ok = offs_m < Lq_b
             md_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(_tile(Q_H, sq, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
             do = tl.load(_tile(DO_H, sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
             lse2, delta = _row_stats(LSE, DELTA, row_bh, offs_m, m_ok)
             qk = tl.dot(q, tl.trans(k), input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
             p_drop, ds = _probs_and_ds(qk, do, tl.trans(v), lse2, delta, terms_h, b, h, Hq, offs_m, offs_n,
-                                       start_m, start_n, Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT)
+                                       start_m, start_n, Lq_b, Lk_b, sm_scale, dropout_p, seed, Lq, Lk, OPT)
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=OPT.PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=OPT.PRECISION)
             if WRITE_DBIAS:
                 tl.store(DBIAS + (row_bh + offs_m[:, None]) * Lk + offs_n[None, :], ds,
                          mask=m_ok[:, None] & (offs_n[None, :] < Lk))
             if WRITE_DTABLE:
-                dtable += _dtable_tile(ds, terms.bucket, start_m, start_n, Lq, Lk, OPT, BLOCK_NB)
+                dtable += _dtable_tile(ds, terms_h.bucket, start_m, start_n, Lq_b, Lk_b, OPT, BLOCK_NB)
         if WRITE_DTABLE:
             offs_nb = tl.arange(0, BLOCK_NB)
             row = ((b * Hq + h).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * NUM_BUCKETS
             tl.store(DTABLE + row + offs_nb, dtable, mask=offs_nb < NUM_BUCKETS)
 
     dk = dk * sm_scale
-    tl.store(_tile(_head(DK, sdk, b, hk), sdk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(_tile(_head(DV, sdv, b, hk), sdv, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(_head(DK + k0 * sdk[2], sdk, b, hk), sdk, offs_n, offs_d), dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(_tile(_head(DV + k0 * sdv[2], sdv, b, hk), sdv, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq, sk, sv, sdo, sdq, terms, Hq, Lq, Lk, GROUP, sm_scale,
-                   dropout_p, seed, OPT: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq, sk, sv, sdo, sdq, terms, Hq, Lq, Lk, Tq, GROUP,
+                   sm_scale, dropout_p, seed, OPT: tl.constexpr, VARLEN: tl.constexpr):
+    """Lq, Lk, VARLEN: as _fwd_kernel's."""
     BLOCK_M: tl.constexpr = OPT.BLOCK_M
     BLOCK_N: tl.constexpr = OPT.BLOCK_N
     BLOCK_D: tl.constexpr = OPT.BLOCK_D
-    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(Q, sq, K, sk, V, sv, Hq, Lq, GROUP, OPT)
-    m_ok = offs_m < Lq
-    do = tl.load(_tile(_head(DO, sdo, b, h), sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
-    lse2, delta = _row_stats(LSE, DELTA, tl.program_id(1).to(tl.int64) * Lq, offs_m, m_ok)  # row b * Hq + h
+    q0, k0, Lq_b, Lk_b = _sequence(CU_Q, CU_K, tl.program_id(1) // Hq, Lq, Lk, VARLEN)
+    if tl.program_id(0) * BLOCK_M >= Lq_b:  # varlen: past a shorter sequence's queries
+        return
+    b, h, start_m, offs_m, offs_d, d_ok, md_ok, q, K_H, V_H = _query_tile(
+        Q + q0 * sq[2], sq, K + k0 * sk[2], sk, V + k0 * sv[2], sv, Hq, Lq_b, GROUP, OPT)
+    m_ok = offs_m < Lq_b
+    do = tl.load(_tile(_head(DO + q0 * sdo[2], sdo, b, h), sdo, offs_m, offs_d), mask=md_ok, other=0.0)  # (BM, BD)
+    lse2, delta = _row_stats(LSE, DELTA, _stats_row(b, h, Hq, Lq, Tq, q0, VARLEN), offs_m, m_ok)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = _key_end(terms, b, start_m, Lq, Lk, OPT)
-    terms = _terms_at(terms, b, h)
+    hi = _key_end(terms, b, start_m, Lq_b, Lk_b, OPT)
+    terms = _terms_at(terms, b, h, Lk, Lk_b)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        nd_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
+        nd_ok = (offs_n[None, :] < Lk_b) & d_ok[:, None]
         kt = tl.load(_tile_t(K_H, sk, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
         vt = tl.load(_tile_t(V_H, sv, offs_n, offs_d), mask=nd_ok, other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, kt, input_precision=OPT.PRECISION)  # (BLOCK_M, BLOCK_N)
         _, ds = _probs_and_ds(qk, do, vt, lse2, delta, terms, b, h, Hq, offs_m, offs_n, start_m, start_n,
-                              Lq, Lk, sm_scale, dropout_p, seed, Lq, Lk, OPT)
+                              Lq_b, Lk_b, sm_scale, dropout_p, seed, Lq, Lk, OPT)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=OPT.PRECISION)
     dq = dq * sm_scale
-    tl.store(_tile(_head(DQ, sdq, b, h), sdq, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(_tile(_head(DQ + q0 * sdq[2], sdq, b, h), sdq, offs_m, offs_d), dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 def _config(q, backward, has_score_bias):
@@ -437,8 +477,8 @@ def attention_fwd(q, k, v, bias, mask, table, bucket, seed, causal, scale, dropo
     terms = _score_terms(q, bias, mask, table, bucket)
     with on_device(q):
         _fwd_kernel[(triton.cdiv(Lq, opt.BLOCK_M), B * Hq)](
-            q, k, v, o, lse, q.stride(), k.stride(), v.stride(), o.stride(), terms,
-            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, _seed(seed, dropout_p), OPT=opt, **launch,
+            q, k, v, o, lse, terms.kv_len, terms.kv_len, q.stride(), k.stride(), v.stride(), o.stride(), terms,
+            Hq, Lq, Lk, 0, Hq // Hkv, scale, dropout_p, _seed(seed, dropout_p), OPT=opt, VARLEN=False, **launch,
         )
     return o, lse
 
@@ -478,14 +518,14 @@ def attention_bwd(do, q, k, v, o, lse, bias, mask, table, bucket, seed, causal, 
         )
         _bwd_dkdv_kernel[(n_kblocks, B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, dbias if need_dbias else dummy, dtable if need_dtable else dummy,
-            *strides, dk.stride(), dv.stride(), terms,
-            Hq, Hkv, Lq, Lk, Hq // Hkv, num_buckets, scale, dropout_p, seed, OPT=opt,
+            dummy, dummy, *strides, dk.stride(), dv.stride(), terms,
+            Hq, Hkv, Lq, Lk, 0, Hq // Hkv, num_buckets, scale, dropout_p, seed, OPT=opt,
             WRITE_DBIAS=need_dbias, WRITE_DTABLE=need_dtable,
-            BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), **launch,
+            BLOCK_NB=max(16, triton.next_power_of_2(num_buckets)), VARLEN=False, **launch,
         )
         _bwd_dq_kernel[(triton.cdiv(Lq, opt.BLOCK_M), B * Hq)](
-            q, k, v, do, lse, delta, dq, *strides, dq.stride(), terms,
-            Hq, Lq, Lk, Hq // Hkv, scale, dropout_p, seed, OPT=opt, **launch,
+            q, k, v, do, lse, delta, dq, dummy, dummy, *strides, dq.stride(), terms,
+            Hq, Lq, Lk, 0, Hq // Hkv, scale, dropout_p, seed, OPT=opt, VARLEN=False, **launch,
         )
     if need_dtable:
         dtable = dtable.sum(dim=(0, 2)).t().contiguous()  # (B, Hq, nK, NB) -> (NB, Hq)

@@ -344,6 +344,7 @@ dtype, D, features = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 ty = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
 pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 fp32_pointers = {"LSE", "DELTA", "DBIAS", "DTABLE"}
+int_pointers = {"CU_Q", "CU_K"}
 scalars = {"sm_scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
 strides = ("i32",) * 4
 terms = A.ScoreTerms(bias="*" + ty, bias_strides=strides, mask="*u8", mask_strides=("i32", "i32"),
@@ -356,7 +357,7 @@ for backward in (False, True):
     opt, options = A._options(q, "causal" in features, bias, mask, table, 0.1 * ("dropout" in features), backward)
     kernels = [A._bwd_dq_kernel, A._bwd_dkdv_kernel] if backward else [A._fwd_kernel]
     for kernel in kernels:
-        constexprs = {"OPT": opt}
+        constexprs = {"OPT": opt, "VARLEN": "varlen" in features}
         if kernel is A._bwd_dkdv_kernel:
             constexprs.update(WRITE_DBIAS=bias is not None, WRITE_DTABLE=table is not None, BLOCK_NB=32)
         signature = {}
@@ -369,6 +370,8 @@ for backward in (False, True):
                 signature[name] = "*" + ty
             elif name in fp32_pointers:
                 signature[name] = "*fp32"
+            elif name in int_pointers:
+                signature[name] = "*i32"
             elif name in scalars:
                 signature[name] = scalars[name]
             elif name.startswith("s"):  # sq, sk, ...: the (B, H, L, D) strides of a tensor
@@ -386,10 +389,12 @@ for backward in (False, True):
     ("bfloat16", 64, ["causal", "mask", "dropout"]),
     ("float16", 96, ["bias", "relpos"]),
     ("bfloat16", 128, ["causal"]),
+    ("float16", 64, ["causal", "relpos", "dropout", "varlen"]),
 ])
 def test_kernels_build_for_sm90(dtype, D, features):
     """Every kernel compiles to sm_90 code (Triton's own ptxas, no GPU needed): catches what only a
-    GPU build checks (layouts, tl.gather, dot shapes), which the interpreter does not."""
+    GPU build checks (layouts, tl.gather, dot shapes), which the interpreter does not. "varlen": the kernels
+    as kernels/varlen_attention.py launches them (VARLEN, sequences from cu_seqlens)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run(
