@@ -13,11 +13,11 @@ namespace {
 constexpr const char* kFwd = "attention_fwd";
 constexpr const char* kBwd = "attention_bwd";
 
-// `t` as the kernels read it: unit stride along D, and for the CUDA kernels (cuda: t is on their device)
-// other strides multiples of 8 elements and 16-byte aligned data (views of a fused QKV projection usually
-// qualify; anything else is copied).
+// `t` (any dims, D last) as the kernels read it: unit stride along D, and for the CUDA kernels (cuda: t is on
+// their device; (B, H, L, D) then) other strides multiples of 8 elements and 16-byte aligned data (views of a
+// fused QKV projection usually qualify; anything else is copied).
 at::Tensor rows_as_read(const at::Tensor& t, bool cuda) {
-  bool ok = t.stride(3) == 1 || t.size(3) <= 1;
+  bool ok = t.stride(-1) == 1 || t.size(-1) <= 1;
   if (cuda) {
     ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
     for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
@@ -288,8 +288,6 @@ void set_varlen_strides(int64_t (&dst)[3], const at::Tensor& t) {
   dst[2] = t.stride(0);
 }
 
-at::Tensor unit_stride_d(const at::Tensor& t) { return t.stride(2) == 1 || t.size(2) <= 1 ? t : t.contiguous(); }
-
 AttentionParams make_varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
                                    bool causal, double scale) {
@@ -321,7 +319,7 @@ std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, const at::T
                                              const c10::optional<at::Tensor>& bucket, const at::Tensor& seed,
                                              bool causal, double scale, double dropout_p) {
   check_varlen(kVarlenFwd, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
-  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
+  const at::Tensor q = rows_as_read(q_in, false), k = rows_as_read(k_in, false), v = rows_as_read(v_in, false);
   AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
   set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenFwd);
   at::Tensor o = new_output(q.sizes(), q.options());
@@ -351,8 +349,8 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::
                   lse_in.is_cpu(),
               kVarlenBwd, ": lse must be float32 (Hq, Tq) = (", q_in.size(1), ", ", q_in.size(0), ") on the CPU, got ",
               lse_in.scalar_type(), " ", lse_in.sizes());
-  const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
-  const at::Tensor dout = unit_stride_d(do_in), o = unit_stride_d(o_in), lse = lse_in.contiguous();
+  const at::Tensor q = rows_as_read(q_in, false), k = rows_as_read(k_in, false), v = rows_as_read(v_in, false);
+  const at::Tensor dout = rows_as_read(do_in, false), o = rows_as_read(o_in, false), lse = lse_in.contiguous();
   AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
   set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenBwd);
   at::Tensor dq = new_output(q.sizes(), q.options());

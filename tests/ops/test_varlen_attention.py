@@ -168,3 +168,20 @@ def test_glue_checks_before_reading(kernel, cu_q, max_q, words):
     with pytest.raises(RuntimeError, match=words):
         VARLEN_ATTENTION.module(kernel).varlen_attention_fwd(q, q, q, cu_q, cu_k, max_q, 5, None, None, seed, False,
                                                              0.25, 0.0)
+
+
+def test_any_strides(backend):
+    """q, k, v as views whose head dim is not unit-stride (a (T, D, H) storage transposed), and a sliced
+    do: the same output and gradients as contiguous copies."""
+    lengths = cu([9, 4, 13])
+    leaves = [randn(26, 16, 2, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3)]  # (T, H, D)
+    do = randn(26, 2, 32, device=DEVICE)[..., ::2]  # (T, H, D), stride 2 along D
+    with fastlm.use_backend(backend):
+        out = varlen_attention(*leaves, lengths, lengths, 13, 13, causal=True)
+        grads = torch.autograd.grad(out, leaves, do)
+        copies = [t.detach().contiguous().requires_grad_() for t in leaves]
+        expected = varlen_attention(*copies, lengths, lengths, 13, 13, causal=True)
+        expected_grads = torch.autograd.grad(expected, copies, do.contiguous())
+    torch.testing.assert_close(out, expected)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want)
