@@ -338,8 +338,7 @@ def hf_attention(
     fastlm.varlen_attention, each sequence attending only within itself, where it has kernels (else the
     dense mask transformers built for the packed row is used).
     """
-    causal = _hf_causal(module, is_causal)
-    packed = _packed_sequences(query, kwargs)
+    causal = module_causal = _hf_causal(module, is_causal)
     reason = _hf_unsupported(kwargs)
     if reason is not None:
         kwargs.update(scaling=scaling, dropout=dropout)
@@ -362,10 +361,10 @@ def hf_attention(
         )
     elif position_bias is not None and not getattr(module, "_fastlm_zero_position_bias", False):
         bias = position_bias if bias is None else bias + position_bias
-    if packed is not None and rel_pos is None and position_bias is None:
+    packed = _packed_sequences(query, kwargs) if rel_pos is None and position_bias is None else None
+    if packed is not None:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, H, T, D) -> (T, H, D)
-        out = varlen_attention(q, k, v, *packed, causal=_hf_causal(module, is_causal), dropout_p=dropout,
-                               scale=scaling)  # (T, Hq, D)
+        out = varlen_attention(q, k, v, *packed, causal=module_causal, dropout_p=dropout, scale=scaling)  # (T, Hq, D)
         return out[None], None  # (T, Hq, D) -> (1, T, Hq, D)
     out = attention(
         query,

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..nn import LayerNorm, RMSNorm
+from ..ops.padding import pad, unpad
 from ..ops.varlen_attention import VARLEN_ATTENTION
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_same_shape",
     "init_normal",
     "key_padding_mask",
+    "run_unpadded",
     "runs_varlen_kernel",
     "scaled_std",
 ]
@@ -214,6 +216,14 @@ class PackedSequences:
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+
+
+def run_unpadded(layers, x, mask):
+    """layers(packed, sequences) on the real tokens of x (B, L, E), packed (T, E) with their PackedSequences;
+    the result scattered back to (B, L, E) with zeros at the padding. mask: (B, L) bool, True = real token."""
+    B, L, _ = x.shape
+    packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
+    return pad(layers(packed, PackedSequences(cu_seqlens, max_seqlen)), indices, B, L)  # (T, E) -> (B, L, E)
 
 
 def runs_varlen_kernel(x, head_dim):

@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import LayerNorm
 from ..ops.attention import attention
-from ..ops.padding import pad, unpad
 from ..ops.varlen_attention import varlen_attention
 from ._common import (
     HFConfig,
@@ -28,6 +27,7 @@ from ._common import (
     check_same_shape,
     init_normal,
     key_padding_mask,
+    run_unpadded,
     runs_varlen_kernel,
 )
 from .hub import PretrainedMixin
@@ -269,8 +269,8 @@ class BertModel(PretrainedMixin, nn.Module):
     -> BertOutput with last_hidden_state (B, L, E) and pooler_output (B, E) (None without the pooler).
 
     unpad_inputs (default True): a batch with padding runs unpadded from the embeddings to the last layer
-    when fastlm.varlen_attention has kernels for it (the CPU kernels today; elsewhere, or with a forced
-    backend that lacks them, the padded path runs). It computes the same values at the real tokens;
+    when fastlm.varlen_attention has kernels for it (CPU and Triton; with a forced backend that lacks them,
+    the padded path runs). It computes the same values at the real tokens;
     last_hidden_state is 0 at the padding.
     """
 
@@ -294,9 +294,7 @@ class BertModel(PretrainedMixin, nn.Module):
         mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, L) bool, None without padding
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, head_dim):
-            B, L, _ = x.shape
-            packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
-            h = pad(self.encoder(packed, PackedSequences(cu_seqlens, max_seqlen)), indices, B, L)  # (B, L, E)
+            h = run_unpadded(self.encoder, x, mask)  # (B, L, E), 0 at the padding
         else:
             h = self.encoder(x, mask)  # (B, L, E)
         pooled = self.pooler(h) if self.pooler is not None else None

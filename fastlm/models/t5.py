@@ -19,7 +19,6 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import RMSNorm
 from ..ops.attention import RelativePositionBias, attention
-from ..ops.padding import pad, unpad
 from ..ops.varlen_attention import varlen_attention
 from ._common import (
     HFConfig,
@@ -28,6 +27,7 @@ from ._common import (
     check_ids,
     check_labels,
     key_padding_mask,
+    run_unpadded,
     runs_varlen_kernel,
 )
 from .generation import GenerationMixin, KVCache
@@ -402,10 +402,8 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
             mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, Ls) bool, None without padding
             x = self.shared(input_ids)  # (B, Ls, E)
             if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
-                B, Ls, _ = x.shape
-                packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
-                encoded = self.encoder(packed, mask=PackedSequences(cu_seqlens, max_seqlen))  # (T, E)
-                return pad(encoded, indices, B, Ls), mask  # (B, Ls, E), 0 at the padding
+                encoded = run_unpadded(lambda packed, sequences: self.encoder(packed, mask=sequences), x, mask)
+                return encoded, mask  # (B, Ls, E), 0 at the padding
             return self.encoder(x, mask=mask), mask
         E = self.config.d_model
         if (
