@@ -7,8 +7,9 @@ T5 bias, a block mask for padding and causal), Hugging Face's eager T5 attention
 (T5Attention.compute_bias + eager_attention_forward) and flash-attn when installed; a peer that cannot
 run a case is reported absent with the reason, and so is an SDPA backend that ran some other kernel than
 its own. TFLOP/s counts 4·B·H·Lq·Lk·D for forward, 2.5× that for backward, half of it when causal. Padded
-cases pad about 45 % of the keys (seeded random lengths, as in BERT's training batches). `summary(rows)`
-gives the ratios the CPU cases are read for.
+cases pad about 45 % of the keys (seeded random lengths, as in BERT's training batches), or take the
+lengths of the default corpus's sentence pairs ("-pairs"); fastlm's varlen attention runs their real
+tokens packed. `summary(rows)` gives the ratios the CPU cases are read for.
 """
 
 import importlib.util
@@ -24,24 +25,25 @@ from fastlm.ops.varlen_attention import VARLEN_ATTENTION
 from . import harness
 from .harness import Case
 
-# (label, B, H, Lq, Lk, D, causal, padding, T5 bias)
+# (label, B, H, Lq, Lk, D, causal, padding: None or padding(B, L) -> (B, L) bool mask, T5 bias)
 GPU_SHAPES = [
-    ("bert-base", 32, 12, 128, 128, 64, False, False, False),
-    ("bert-base-pad", 32, 12, 128, 128, 64, False, True, False),
-    ("bert-base", 32, 12, 512, 512, 64, False, False, False),
-    ("bert-base-pad", 32, 12, 512, 512, 64, False, True, False),
-    ("gpt2-causal", 8, 12, 1024, 1024, 64, True, False, False),
-    ("t5-base-relpos", 16, 12, 512, 512, 64, False, True, True),
-    ("t5-base-cross", 16, 12, 114, 512, 64, False, True, False),
-    ("long-causal", 2, 16, 4096, 4096, 128, True, False, False),
+    ("bert-base", 32, 12, 128, 128, 64, False, None, False),
+    ("bert-base-pad", 32, 12, 128, 128, 64, False, harness.padding_mask, False),
+    ("bert-base", 32, 12, 512, 512, 64, False, None, False),
+    ("bert-base-pad", 32, 12, 512, 512, 64, False, harness.padding_mask, False),
+    ("gpt2-causal", 8, 12, 1024, 1024, 64, True, None, False),
+    ("t5-base-relpos", 16, 12, 512, 512, 64, False, harness.padding_mask, True),
+    ("t5-base-cross", 16, 12, 114, 512, 64, False, harness.padding_mask, False),
+    ("long-causal", 2, 16, 4096, 4096, 128, True, None, False),
 ]
 CPU_SHAPES = [
-    ("bert-pad", 4, 4, 128, 128, 64, False, True, False),
-    ("gpt-causal", 4, 4, 128, 128, 64, True, False, False),
-    ("t5-relpos", 4, 4, 128, 128, 64, False, True, True),
-    ("long-causal", 1, 8, 2048, 2048, 64, True, False, False),
+    ("bert-pad", 4, 4, 128, 128, 64, False, harness.padding_mask, False),
+    ("bert-pairs", 16, 4, 128, 128, 64, False, harness.sentence_pair_mask, False),
+    ("gpt-causal", 4, 4, 128, 128, 64, True, None, False),
+    ("t5-relpos", 4, 4, 128, 128, 64, False, harness.padding_mask, True),
+    ("long-causal", 1, 8, 2048, 2048, 64, True, None, False),
 ]
-QUICK_SHAPES = [("t5-relpos", 1, 2, 32, 32, 16, False, True, True)]
+QUICK_SHAPES = [("t5-relpos", 1, 2, 32, 32, 16, False, harness.padding_mask, True)]
 HEADLINE = {
     "bert-base-pad 32x12x512x512x64",
     "gpt2-causal 8x12x1024x1024x64",
@@ -58,7 +60,7 @@ SDPA_BACKENDS = {
 # (CPU case label, implementation, baseline, the least speedup over the baseline the fastlm cpu kernel aims at)
 TARGETS = [
     ("bert-pad", "fastlm cpu", "sdpa flash", 1.0),
-    ("bert-pad", "fastlm cpu varlen", "fastlm cpu", 1.5),
+    ("bert-pairs", "fastlm cpu varlen", "fastlm cpu", 1.5),
     ("gpt-causal", "fastlm cpu", "sdpa flash", 1.0),
     ("t5-relpos", "fastlm cpu", "torch eager", 2.0),
     ("t5-relpos", "fastlm cpu", "torch.compile eager", 1.3),
@@ -267,7 +269,7 @@ def _probe(impls, absent, device, dtype, D, causal, pad, rel_pos):
     tiny version of it; move refusals, and SDPA backends that ran another kernel than their own, to absent."""
     B, H, L = 2, 2, 64
     q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    mask = harness.padding_mask(B, L, device=device) if pad else None
+    mask = pad(B, L, device=device) if pad else None
     table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
     for name, fn in list(impls.items()):
         if name.startswith(("fastlm", "torch", "hf")):
@@ -292,7 +294,7 @@ def cases(device, quick=False, keep=None):
         shape = _shape(label, B, H, Lq, Lk, D)
         if keep is not None and not keep(shape, dtype):
             continue
-        mask = harness.padding_mask(B, Lk, device=device) if pad else None  # (B, Lk), BERT-style right padding
+        mask = pad(B, Lk, device=device) if pad else None  # (B, Lk), BERT-style right padding
 
         def inputs(B=B, H=H, Lq=Lq, Lk=Lk, D=D, mask=mask, rel_pos=rel_pos):
             q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, requires_grad=True)
@@ -301,7 +303,7 @@ def cases(device, quick=False, keep=None):
             table = torch.randn(32, H, device=device, requires_grad=True) if rel_pos else None
             return q, k, v, mask, table
 
-        impls, absent = _impls(device, causal, rel_pos, padded=pad and Lq == Lk)
+        impls, absent = _impls(device, causal, rel_pos, padded=pad is not None and Lq == Lk)
         _probe(impls, absent, device, dtype, D, causal, pad, rel_pos)
         flops = 4 * B * H * Lq * Lk * D / (2 if causal else 1)
         result.append(

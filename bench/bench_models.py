@@ -6,7 +6,8 @@ eager and SDPA implementations of the same models with the same weights: tokens/
 GPU cases are the lecture's: BERT-base pretraining (seq 128, MLM 15% + NSP), GPT-2 small (seq 1024),
 T5-base (512 -> 114), under bf16 autocast, with each family's default dropout (0.1 everywhere). On the
 CPU the tiny presets run in fp32, twice: with the default dropout and with dropout 0. Case names say which.
-BERT's batches are padded like real ones (about 45 % of the tokens, seeded random lengths). Results go
+BERT's batches are padded like real ones (about 45 % of the tokens, seeded random lengths; the CPU's
+"h256x4" case takes the lengths of the default corpus's sentence pairs). Results go
 to bench/results/models-<device>.json and .png (speedup over HF eager and over HF SDPA, peak memory).
 """
 
@@ -49,11 +50,12 @@ class ModelCase:
     note: str = ""  # e.g. how much of the batch is padding
 
 
-def _bert_batch(config, B, L):
-    """MLM + NSP batches whose attention_mask pads about 45 % of the (B, L) tokens on the right."""
+def _bert_batch(config, B, L, padding=harness.padding_mask):
+    """MLM + NSP batches whose attention_mask pads the (B, L) tokens on the right as ``padding(B, L)`` says
+    (harness.padding_mask: about 45 % of them)."""
 
     def make(device):
-        mask = harness.padding_mask(B, L, device=device)  # (B, L) bool, True = token
+        mask = padding(B, L, device=device)  # (B, L) bool, True = token
         ids = torch.randint(0, config.vocab_size, (B, L), device=device).masked_fill(~mask, config.pad_token_id)
         labels = torch.where((torch.rand(B, L, device=device) < 0.15) & mask, ids, -100)
         nsp = torch.randint(0, 2, (B,), device=device)
@@ -104,14 +106,16 @@ def _dropout_variants(case):
 
 def _cpu_unpadding_case(device, quick):
     """On the CPU (full runs): a BERT whose encoder, not the MLM head, holds most of the work (hidden 256, 4
-    layers, batch 16 x 128, ~45 % padding), where running the padded batch unpadded pays."""
+    layers, batch 16 x 128), on the lengths of the default corpus's sentence pairs (harness.sentence_pair_mask),
+    where running the padded batch unpadded pays."""
     if device.type == "cuda" or quick:
         return []
     config = BertConfig.preset("bert-tiny", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                intermediate_size=1024)
     B, L = 16, 128
-    padding = harness.padding_note(harness.padding_mask(B, L))
-    return [ModelCase(f"bert s{L} b{B} h256x4", BertForPreTraining, config, _bert_batch(config, B, L), B * L, padding)]
+    batch = _bert_batch(config, B, L, harness.sentence_pair_mask)
+    padding = f"sentence pairs, {harness.padding_note(harness.sentence_pair_mask(B, L))}"
+    return [ModelCase(f"bert s{L} b{B} h256x4", BertForPreTraining, config, batch, B * L, padding)]
 
 
 def cases(device, quick):

@@ -7,9 +7,11 @@ measured in the same run, and computes the speedup over the case's reference imp
 """
 
 import datetime
+import functools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import textwrap
@@ -18,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from fastlm.data import stdlib_docstrings, train_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -90,6 +94,29 @@ def padding_mask(batch, length, seed=0, device="cpu"):
     strata = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch  # (batch,) in [0, 1)
     lengths = (length * (0.1 + 0.9 * strata)).long().clamp(1, length)
     lengths = lengths[torch.randperm(batch, generator=generator)]
+    return (torch.arange(length)[None, :] < lengths[:, None]).to(device)  # (batch, length)
+
+
+@functools.cache
+def _sentence_pair_lengths():
+    """(N,) int64 token counts of [CLS] A [SEP] B [SEP] over every two consecutive sentences A, B of a document
+    of the default pretraining corpus (the standard library's docstrings, fastlm.data), WordPiece-tokenized
+    by a tokenizer trained on them: the lengths of a sentence-pair batch. Untruncated; a few seconds, once."""
+    docs = stdlib_docstrings(max_chars=200_000)
+    tokenizer = train_tokenizer("bert", docs, vocab_size=8000)
+    sentences = [re.split(r"(?<=[.!?])\s+", " ".join(doc.split())) for doc in docs]
+    first = tokenizer.encode_batch([a for doc in sentences for a in doc[:-1]])
+    second = tokenizer.encode_batch([b for doc in sentences for b in doc[1:]])
+    return torch.tensor([3 + len(a) + len(b) for a, b in zip(first, second, strict=True)])
+
+
+def sentence_pair_mask(batch, length, seed=0, device="cpu"):
+    """(batch, length) bool, True = a token, False = padding on the right: the lengths of `batch` sentence
+    pairs of the default corpus drawn at random (seeded), truncated to `length`; about 60 % of the positions
+    of a batch of 128 are padding."""
+    lengths = _sentence_pair_lengths()
+    picked = torch.randint(len(lengths), (batch,), generator=torch.Generator().manual_seed(seed))
+    lengths = lengths[picked].clamp(max=length)  # (batch,)
     return (torch.arange(length)[None, :] < lengths[:, None]).to(device)  # (batch, length)
 
 

@@ -20,6 +20,19 @@ def test_padding_mask_pads_about_45_percent_seeded():
     assert lengths.min() >= 1 and harness.padding_note(mask).startswith("padding 4")
 
 
+def test_sentence_pair_mask_follows_the_default_corpus_seeded():
+    mask = harness.sentence_pair_mask(16, 128)
+    assert mask.shape == (16, 128) and mask.dtype == torch.bool
+    assert torch.equal(mask, harness.sentence_pair_mask(16, 128))
+    assert not torch.equal(mask, harness.sentence_pair_mask(16, 128, seed=1))
+    lengths = mask.sum(1)
+    assert torch.equal(mask, torch.arange(128)[None, :] < lengths[:, None])  # right padding, no holes
+    pairs = harness._sentence_pair_lengths()
+    assert pairs.min() >= 5  # [CLS] A [SEP] B [SEP] with A, B a token or more
+    assert 30 <= pairs.float().median() <= 60  # two sentences of docstring prose
+    assert 0.45 <= 1 - harness.sentence_pair_mask(256, 128).float().mean().item() <= 0.75
+
+
 def test_cpu_peak_memory_is_the_calls_own_allocations():
     """8 MiB held at once inside the call, 4 of them freed before the next 4 are made: 8 MiB, whatever
     was allocated before the call or is cached by malloc."""
@@ -72,7 +85,7 @@ def test_cpu_cases_and_the_fastlm_cpu_row():
     shapes = [c.shape for c in bench_attention.cases(CPU, keep=lambda shape, dtype: False)]
     assert shapes == []
     labels = {entry[0]: entry[1:] for entry in bench_attention.CPU_SHAPES}
-    assert labels["long-causal"] == (1, 8, 2048, 2048, 64, True, False, False)
+    assert labels["long-causal"] == (1, 8, 2048, 2048, 64, True, None, False)
     impls, absent = bench_attention._impls(CPU, causal=False, rel_pos=True, padded=True)
     assert {"torch eager", "torch.compile eager", "hf T5 eager", "sdpa flash"} <= set(impls)
     assert ("fastlm cpu" in impls) != ("fastlm cpu" in absent)
@@ -87,7 +100,8 @@ def test_attention_summary_gives_the_issues_ratios():
     rows = [
         _row("bert-pad 4x4x128x128x64", "sdpa flash", 3.0),
         _row("bert-pad 4x4x128x128x64", "fastlm cpu", 2.0),
-        _row("bert-pad 4x4x128x128x64", "fastlm cpu varlen", 1.0),
+        _row("bert-pairs 16x4x128x128x64", "fastlm cpu", 4.5),
+        _row("bert-pairs 16x4x128x128x64", "fastlm cpu varlen", 2.0),
         _row("t5-relpos 4x4x128x128x64", "torch eager", 8.0),
         _row("t5-relpos 4x4x128x128x64", "torch.compile eager", 6.0),
         _row("long-causal 1x8x2048x2048x64", "sdpa flash", 10.0, peak=40.0),
@@ -96,7 +110,7 @@ def test_attention_summary_gives_the_issues_ratios():
     ]
     assert bench_attention.summary(rows) == [
         "bert-pad 4x4x128x128x64: fastlm cpu over sdpa flash 1.50× (target ≥ 1.0×)",
-        "bert-pad 4x4x128x128x64: fastlm cpu varlen over fastlm cpu 2.00× (target ≥ 1.5×)",
+        "bert-pairs 16x4x128x128x64: fastlm cpu varlen over fastlm cpu 2.25× (target ≥ 1.5×)",
         "t5-relpos 4x4x128x128x64: fastlm cpu over torch eager not timed (target ≥ 2.0×)",
         "t5-relpos 4x4x128x128x64: fastlm cpu over torch.compile eager not timed (target ≥ 1.3×)",
         "long-causal 1x8x2048x2048x64: fastlm cpu over sdpa flash not timed (target ≥ 1.0×)",
@@ -131,11 +145,15 @@ def test_gpu_models_run_with_default_dropout_only():
 
 
 def test_bert_batches_are_padded():
-    case = bench_models.cases(CPU, quick=False)[0]  # bert s128 b8
+    cases = bench_models.cases(CPU, quick=False)
+    case = cases[0]  # bert s128 b8
     batch = case.batch(CPU)
     mask = batch["attention_mask"].bool()
     assert 0.40 <= 1 - mask.float().mean().item() <= 0.50 and case.note.startswith("padding 4")
     assert (batch["labels"][~mask] == -100).all() and (batch["input_ids"][~mask] == 0).all()
+    pairs = next(c for c in cases if c.name.startswith("bert s128 b16 h256x4"))  # the unpadding case
+    assert torch.equal(pairs.batch(CPU)["attention_mask"].bool(), harness.sentence_pair_mask(16, 128))
+    assert pairs.note.startswith("sentence pairs, padding")
 
 
 def test_models_summary_and_table_show_both_baselines(capsys):
