@@ -1,6 +1,8 @@
 """The benchmark cases themselves: padded batches, CPU peak memory, SDPA backends that must run their own
 kernel, the attention and model summaries, and the models' dropout variants (no timing)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,15 +159,18 @@ def test_bert_batches_are_padded():
 
 
 def test_models_summary_and_table_show_both_baselines(capsys):
+    shape = "bert s128 b16 h256x4 dropout 0"
     rows = [
-        harness.Row("train-step", "bert s8 b1 dropout 0", "fp32", impl, "fwd+bwd", ms, ms, ms, 1.0, "tok/s", speedup=s)
+        harness.Row("train-step", shape, "fp32", impl, "fwd+bwd", ms, ms, ms, 1.0, "tok/s", speedup=s)
         for impl, ms, s in (("hf-eager", 30.0, 1.0), ("fastlm", 10.0, 3.0), ("fastlm-padded", 15.0, 2.0),
                             ("hf-sdpa", 20.0, 1.5))
     ]
     assert bench_models.summary(rows) == [
-        "bert s8 b1 dropout 0: fastlm over hf-eager 3.00× (target ≥ 4.0×)",
-        "bert s8 b1 dropout 0: fastlm over fastlm-padded 1.50× (target ≥ 1.5×)",
+        "bert s128 b16 h256x4 dropout 0: fastlm over hf-eager 3.00× (target ≥ 4.0×)",
+        "bert s128 b16 h256x4 dropout 0: fastlm over fastlm-padded 1.50× (target ≥ 1.5×)",
     ]
+    tiny = [dataclasses.replace(r, shape="bert s128 b8 dropout 0") for r in rows]
+    assert bench_models.summary(tiny) == ["bert s128 b8 dropout 0: fastlm over hf-eager 3.00× (target ≥ 4.0×)"]
     bench_models.print_table(rows)
     out = capsys.readouterr().out
     assert "vs eager" in out and "vs sdpa" in out and "3.00x    2.00x" in out
