@@ -212,18 +212,37 @@ class HFConfig:
 class PackedSequences:
     """Where the sequences of a packed (T, ...) batch of tokens are (``fastlm.unpad``'s): cu_seqlens (B + 1,)
     int32 prefix sums of their lengths, max_seqlen the longest. Layers given one instead of a key padding
-    mask run ``fastlm.varlen_attention``."""
+    mask run ``fastlm.varlen_attention``. ``pack`` also records where the tokens came from (indices (T,) into
+    the flattened (B, L) batch, None when it had no padding; shape (B, L)) so that ``pad`` can put them back."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    indices: torch.Tensor | None = None
+    shape: tuple[int, int] | None = None
+
+    @classmethod
+    def pack(cls, x, mask):
+        """(packed (T, ...), its PackedSequences) of the real tokens of x (B, L, ...); mask (B, L) bool, True =
+        real token, or None: no padding (the packed tokens are then a view of x)."""
+        B, L = x.shape[:2]
+        if mask is None:
+            cu_seqlens = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=x.device)  # (B + 1,)
+            return x.flatten(0, 1), cls(cu_seqlens, L, None, (B, L))  # (B, L, ...) -> (B * L, ...)
+        packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, ...)
+        return packed, cls(cu_seqlens, max_seqlen, indices, (B, L))
+
+    def pad(self, packed):
+        """packed (T, ...) tokens scattered back to (B, L, ...), zeros at the padding (differentiable)."""
+        if self.indices is None:
+            return packed.unflatten(0, self.shape)  # (B * L, ...) -> (B, L, ...)
+        return pad(packed, self.indices, *self.shape)  # (T, ...) -> (B, L, ...)
 
 
 def run_unpadded(layers, x, mask):
     """layers(packed, sequences) on the real tokens of x (B, L, E), packed (T, E) with their PackedSequences;
     the result scattered back to (B, L, E) with zeros at the padding. mask: (B, L) bool, True = real token."""
-    B, L, _ = x.shape
-    packed, indices, cu_seqlens, max_seqlen = unpad(x, mask)  # (T, E)
-    return pad(layers(packed, PackedSequences(cu_seqlens, max_seqlen)), indices, B, L)  # (T, E) -> (B, L, E)
+    packed, sequences = PackedSequences.pack(x, mask)  # (T, E)
+    return sequences.pad(layers(packed, sequences))  # (T, E) -> (B, L, E)
 
 
 def runs_varlen_kernel(x, head_dim):
