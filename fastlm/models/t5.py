@@ -2,7 +2,8 @@
 position bias computed inside fastlm.attention (``rel_pos``; the first layer's table and one bucket
 computation per forward serve every layer),
 v1.0 (ReLU) and v1.1 (gated GELU) feed-forward, a tied or untied LM head, generate() with a KV cache. A padded
-source runs through the encoder unpadded (varlen attention) where varlen attention has kernels.
+source runs through the encoder unpadded, and padded targets through the decoder (causal self-attention and
+cross-attention on the packed encoder output) and the head, with varlen attention where it has kernels.
 
 Parameter names are Hugging Face's (``encoder.block.0.layer.0.SelfAttention.q.weight``, ...).
 Shapes: B batch, Ls source length, Lt target length, E = d_model, H heads, D = d_kv, V vocabulary.
@@ -27,7 +28,6 @@ from ._common import (
     check_ids,
     check_labels,
     key_padding_mask,
-    run_unpadded,
     runs_varlen_kernel,
 )
 from .generation import GenerationMixin, KVCache
@@ -173,17 +173,18 @@ class T5Attention(nn.Module):
         x = x.unflatten(-1, (self.H, self.D))
         return x if x.dim() == 3 else x.transpose(1, 2)
 
-    def forward(self, x, kv, *, mask=None, rel_pos=None, causal=False):
+    def forward(self, x, kv, *, mask=None, queries=None, rel_pos=None, causal=False):
         """x (B, Lq, E); kv: (k, v) each (B, H, Lk, D), already projected. Returns (B, Lq, E). Or packed
-        tokens x (T, E) with mask their PackedSequences and kv each (T, H, D)."""
+        tokens x (Tq, E) and kv each (Tk, H, D), with mask the keys' PackedSequences and queries the
+        queries' (default: mask's, self-attention)."""
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(mask, PackedSequences):
-            cu, longest = mask.cu_seqlens, mask.max_seqlen
+            queries = queries or mask
             out = varlen_attention(
-                self.heads(self.q(x)), *kv, cu, cu, longest, longest, causal=causal, rel_pos=rel_pos, scale=1.0,
-                dropout_p=dropout_p,
-            )  # (T, H, D)
-            return self.o(out.flatten(1))  # (T, H, D) -> (T, H D) -> (T, E)
+                self.heads(self.q(x)), *kv, queries.cu_seqlens, mask.cu_seqlens, queries.max_seqlen,
+                mask.max_seqlen, causal=causal, rel_pos=rel_pos, scale=1.0, dropout_p=dropout_p,
+            )  # (Tq, H, D)
+            return self.o(out.flatten(1))  # (Tq, H, D) -> (Tq, H D) -> (Tq, E)
         B, Lq, _ = x.shape
         out = attention(
             self.heads(self.q(x)),
@@ -223,9 +224,9 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, residual, *, memory_kv, memory_mask):
+    def forward(self, x, residual, *, memory_kv, memory_mask, queries=None):
         h, residual = self.layer_norm(x, residual=residual, return_residual=True)
-        return self.dropout(self.EncDecAttention(h, memory_kv, mask=memory_mask)), residual
+        return self.dropout(self.EncDecAttention(h, memory_kv, mask=memory_mask, queries=queries)), residual
 
 
 class T5DenseActDense(nn.Module):
@@ -277,7 +278,8 @@ class T5Block(nn.Module):
             x, residual, mask=mask, rel_pos=rel_pos, causal=self.is_decoder, cache=cache, layer=layer
         )
         if self.is_decoder:
-            x, residual = self.layer[1](x, residual, memory_kv=memory_kv, memory_mask=memory_mask)
+            queries = mask if isinstance(mask, PackedSequences) else None
+            x, residual = self.layer[1](x, residual, memory_kv=memory_kv, memory_mask=memory_mask, queries=queries)
         return self.layer[-1](x, residual)
 
 
@@ -294,7 +296,8 @@ class T5Stack(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, *, mask=None, memory_kv=None, memory_mask=None, cache=None):
-        """x (B, L, E) embeddings; memory_kv: per decoder layer, the cross-attention (k, v). -> (B, L, E)."""
+        """x (B, L, E) embeddings; memory_kv: per decoder layer, the cross-attention (k, v). -> (B, L, E). Or
+        packed tokens x (T, E) with mask their PackedSequences (and memory_mask the memory's) -> (T, E)."""
         rel_pos = CachedRelativePositionBias(
             self.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
             bidirectional=not self.is_decoder,
@@ -325,6 +328,12 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
 
     unpad_inputs (default True): a padded source runs through the encoder unpadded (only real tokens; varlen
     attention) when fastlm.varlen_attention has kernels for it; the encoder output is then 0 at the padding.
+    Likewise padded targets run through the decoder and the head unpadded (causal varlen self-attention,
+    varlen cross-attention on the packed encoder output); the target padding is decoder_attention_mask's 0s,
+    or without it the trailing -100s of labels (HF's collators pad labels with -100). The logits and the
+    decoder output are then 0 at the target padding, and the loss counts only real targets (the same loss
+    when, as HF's collators make them, the labels at the padding are -100; else the decoder runs padded).
+    generate() always runs the decoder padded.
 
     generate (GenerationMixin.generate) returns (B, 1 + n) decoder tokens starting with
     decoder_start_token_id (HF's layout); it stops a row at the config's eos_token_id by default and pads
@@ -395,16 +404,17 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
 
     def _encoded(self, input_ids, attention_mask, encoder_outputs):
         """The encoder output (B, Ls, E) (``encoder_outputs`` when given, checked; else the encoder run on
-        input_ids) and its (B, Ls) key-padding mask or None, converted once for the encoder and every
-        cross-attention."""
+        input_ids), its (B, Ls) key-padding mask or None, converted once for the encoder and every
+        cross-attention, and (packed (Ts, E), its PackedSequences) when the encoder ran unpadded, else None."""
         if encoder_outputs is None:
             check_ids(input_ids, self.config.vocab_size)
             mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, Ls) bool, None without padding
             x = self.shared(input_ids)  # (B, Ls, E)
             if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
-                encoded = run_unpadded(lambda packed, sequences: self.encoder(packed, mask=sequences), x, mask)
-                return encoded, mask  # (B, Ls, E), 0 at the padding
-            return self.encoder(x, mask=mask), mask
+                packed, sequences = PackedSequences.pack(x, mask)  # (Ts, E)
+                packed = self.encoder(packed, mask=sequences)
+                return sequences.pad(packed), mask, (packed, sequences)  # (B, Ls, E), 0 at the padding
+            return self.encoder(x, mask=mask), mask, None
         E = self.config.d_model
         if (
             not isinstance(encoder_outputs, torch.Tensor)
@@ -413,7 +423,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         ):
             shape = tuple(encoder_outputs.shape) if isinstance(encoder_outputs, torch.Tensor) else type(encoder_outputs)
             raise ValueError(f"encoder_outputs must be a tensor (B, Ls, d_model={E}) (encode()'s output), got {shape}")
-        return encoder_outputs, key_padding_mask(attention_mask, encoder_outputs.shape[:2])
+        return encoder_outputs, key_padding_mask(attention_mask, encoder_outputs.shape[:2]), None
 
     def _memory_kv(self, encoded):
         """Per decoder layer, the cross-attention (k, v), each (B, H, Ls, D), of the encoder output (B, Ls, E)."""
@@ -444,6 +454,19 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         shifted = torch.cat([start, labels[:, :-1]], dim=1)  # (B, Lt)
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
 
+    @staticmethod
+    def _target_mask(decoder_mask, labels):
+        """The (B, Lt) bool mask, True = real target, the decoder unpads on: decoder_mask (decoder_attention_mask
+        converted), else labels up to their last one that is not -100 (trailing -100s are HF's label padding).
+        None when no target is padding, or when labels at the padding are not -100 (the loss would differ)."""
+        if labels is None:
+            return decoder_mask
+        ignored = labels == -100  # (B, Lt)
+        if decoder_mask is not None:
+            return decoder_mask if bool((decoder_mask | ignored).all()) else None
+        mask = (~ignored).flip(1).cummax(1).values.flip(1)  # (B, Lt): True up to the last real label
+        return None if bool(mask.all()) else mask
+
     def forward(
         self,
         input_ids,
@@ -454,17 +477,25 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         encoder_outputs=None,
     ):
         decoder_input_ids = self._decoder_input_ids(decoder_input_ids, labels)  # (B, Lt)
-        encoded, memory_mask = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E), (B, Ls)
-        memory_kv = self._memory_kv(encoded)
-        h = self.decoder(
-            self.shared(decoder_input_ids),
-            mask=key_padding_mask(decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"),
-            memory_kv=memory_kv,
-            memory_mask=memory_mask,
-        )  # (B, Lt, E)
-        out = T5Output(encoder_last_hidden_state=encoded, decoder_last_hidden_state=h)
+        decoder_mask = key_padding_mask(
+            decoder_attention_mask, decoder_input_ids.shape, "(B, Lt)", "decoder_attention_mask"
+        )  # (B, Lt) bool, None without padding
+        encoded, memory_mask, memory = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
+        x = self.shared(decoder_input_ids)  # (B, Lt, E)
+        target_mask = self._target_mask(decoder_mask, labels)  # (B, Lt) or None
+        if target_mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
+            memory, memory_sequences = memory or PackedSequences.pack(encoded, memory_mask)  # (Ts, E)
+            x, sequences = PackedSequences.pack(x, target_mask)  # (Tt, E)
+            h = self.decoder(x, mask=sequences, memory_kv=self._memory_kv(memory), memory_mask=memory_sequences)
+            labels = None if labels is None else labels.flatten()[sequences.indices]  # (Tt,)
+        else:
+            sequences = None
+            h = self.decoder(x, mask=decoder_mask, memory_kv=self._memory_kv(encoded), memory_mask=memory_mask)
+        out = T5Output(encoder_last_hidden_state=encoded)
+        out.decoder_last_hidden_state = h if sequences is None else sequences.pad(h)  # (B, Lt, E)
         if labels is None:
-            out.logits = F.linear(self._head_input(h), self.head_weight())  # (B, Lt, V)
+            logits = F.linear(self._head_input(h), self.head_weight())  # (B, Lt, V), or packed (Tt, V)
+            out.logits = logits if sequences is None else sequences.pad(logits)  # (B, Lt, V), 0 at the padding
             return out
         E = h.shape[-1]
         out.loss = ops.linear_cross_entropy(self._head_input(h).reshape(-1, E), self.head_weight(), labels.reshape(-1))
@@ -478,7 +509,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     def _start_decoding(self, input_ids, attention_mask, max_new_tokens):
         """For ``generate`` (see GenerationMixin): encode input_ids (B, Ls) (any padding), then decode from
         decoder_start_token_id with a KV cache of 1 + max_new_tokens positions."""
-        encoded, memory_mask = self._encoded(input_ids, attention_mask, None)  # (B, Ls, E), (B, Ls)
+        encoded, memory_mask, _ = self._encoded(input_ids, attention_mask, None)  # (B, Ls, E), (B, Ls)
         memory_kv = self._memory_kv(encoded)
         cache = KVCache(1 + max_new_tokens)
 

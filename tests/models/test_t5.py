@@ -189,35 +189,47 @@ def test_bad_inputs_and_checkpoints():
         model(src, src_mask)
 
 
+@pytest.mark.parametrize("padded_source", [True, False])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_unpadded_encoder_matches_the_padded_one(version):
-    """A padded source runs through the encoder unpadded (varlen attention with the relative-position bias per
-    sequence) where varlen has kernels: logits, loss and every parameter gradient are within the rule of the
-    padded run's, both against HF in fp64 (2 layers: layer 1 reuses layer 0's table)."""
+def test_unpadded_model_matches_the_padded_one(version, padded_source):
+    """Padded sources and ragged targets run unpadded where varlen has kernels: the encoder (varlen attention
+    with the relative-position bias per sequence), the decoder (causal varlen self-attention with the
+    unidirectional bias, varlen cross-attention on the packed encoder output, or on the uniform source without
+    padding) and the head. Logits at real targets (0 at the padding), loss and every parameter gradient are
+    within the rule of the padded run's, both against HF in fp64 (2 layers: layer 1 reuses layer 0's table).
+    The loss's decoder unpads on the trailing -100s of labels only: a -100 inside a target stays a token."""
     torch.manual_seed(2)
     hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config(version)))
     model = T5ForConditionalGeneration.from_pretrained(hf32).eval()
     src, src_mask, labels = batch(2)
+    if not padded_source:
+        src_mask = torch.ones_like(src_mask)
+    labels[0, 2] = -100  # ignored, not padding
     decoder_input_ids = model.shift_right(labels)
+    tgt_mask = torch.arange(LT)[None, :] < torch.tensor(TARGET_LENGTHS)[:, None]  # (B, Lt) bool
     runs = {}
     for unpadded in (True, False):
         model.unpad_inputs = unpadded
         model.zero_grad()
         before = fastlm.backends.calls.copy()
-        logits = model(src, src_mask, decoder_input_ids=decoder_input_ids).logits
+        logits = model(src, src_mask, decoder_input_ids=decoder_input_ids, decoder_attention_mask=tgt_mask).logits
         loss = model(src, src_mask, labels=labels).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         runs[unpadded] = (logits, loss, grads, fastlm.backends.calls - before)
     if "cpu" in fastlm.available_backends("cpu"):
-        assert runs[True][3][("varlen_attention", "cpu")] == 2 * 2  # 2 encoder layers, 2 forwards
+        encoder, decoder = 2 * padded_source, 2 * 2  # varlen calls per forward: per layer, self- and cross-
+        assert runs[True][3][("varlen_attention", "cpu")] == 2 * (encoder + decoder)  # 2 forwards
         assert ("varlen_attention", "cpu") not in runs[False][3]
+    assert not runs[True][0][~tgt_mask].any()  # 0 at the target padding
     ref = hf64(src, attention_mask=src_mask, labels=labels)
     ref.loss.backward()
-    oracle_logits = hf64(src, attention_mask=src_mask, decoder_input_ids=decoder_input_ids).logits
-    for name, actual, padded, expected in zip(("logits", "loss"), runs[True], runs[False], (oracle_logits, ref.loss),
-                                              strict=False):
-        assert_matches_hf(actual, expected, padded, name)
+    oracle_logits = hf64(
+        src, attention_mask=src_mask, decoder_input_ids=decoder_input_ids, decoder_attention_mask=tgt_mask
+    ).logits
+    actual, padded = (runs[u][0][tgt_mask] for u in (True, False))  # (T, V) at the real targets
+    assert_matches_hf(actual, oracle_logits[tgt_mask], padded, "logits")
+    assert_matches_hf(runs[True][1], ref.loss, runs[False][1], "loss")
     hf_grads = dict(hf64.named_parameters())
     for name, grad in runs[True][2].items():
         assert_matches_hf(grad, hf_grads[name].grad, runs[False][2][name], f"grad {name}", factor=3.0)
