@@ -115,7 +115,8 @@ class T5Config(HFConfig):
 @dataclass
 class T5Output:
     """loss: mean token loss (with labels); logits (B, Lt, V) (without labels); encoder_last_hidden_state
-    (B, Ls, E); decoder_last_hidden_state (B, Lt, E), before the head's scaling."""
+    (B, Ls, E); decoder_last_hidden_state (B, Lt, E), before the head's scaling. Each is 0 at the padding
+    its stack ran unpadded on (see T5ForConditionalGeneration's unpad_inputs)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -179,7 +180,7 @@ class T5Attention(nn.Module):
         queries' (default: mask's, self-attention)."""
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(mask, PackedSequences):
-            queries = queries or mask
+            queries = mask if queries is None else queries
             out = varlen_attention(
                 self.heads(self.q(x)), *kv, queries.cu_seqlens, mask.cu_seqlens, queries.max_seqlen,
                 mask.max_seqlen, causal=causal, rel_pos=rel_pos, scale=1.0, dropout_p=dropout_p,
