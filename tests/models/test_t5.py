@@ -233,3 +233,31 @@ def test_unpadded_model_matches_the_padded_one(version, padded_source):
     hf_grads = dict(hf64.named_parameters())
     for name, grad in runs[True][2].items():
         assert_matches_hf(grad, hf_grads[name].grad, runs[False][2][name], f"grad {name}", factor=3.0)
+
+
+def test_decoder_unpads_only_on_target_padding():
+    """The decoder runs varlen on decoder_attention_mask's padding (labels -100 there) or, with labels only, on
+    their trailing -100s; padded without target padding, when labels at the padding are not -100 (the loss
+    counts them), in generate() and with unpad_inputs False."""
+    if "cpu" not in fastlm.available_backends("cpu"):
+        pytest.skip("no cpu varlen kernel")
+    model = T5ForConditionalGeneration(T5Config.preset("t5-tiny", vocab_size=V)).eval()
+    src, src_mask, labels = batch()
+    tgt_mask = labels != -100  # (B, Lt), right padding
+
+    def varlen_calls(run=model, **kwargs):
+        before = fastlm.backends.calls.copy()
+        run(src, src_mask, **kwargs)
+        return (fastlm.backends.calls - before)[("varlen_attention", "cpu")]
+
+    encoder, decoder = 2, 2 * 2  # per forward: 2 encoder layers; 2 decoder layers, self- and cross-attention
+    dec, other_labels = model.shift_right(labels), labels.masked_fill(~tgt_mask, 5)
+    assert varlen_calls(labels=labels) == encoder + decoder
+    assert varlen_calls(labels=labels, decoder_attention_mask=tgt_mask) == encoder + decoder
+    assert varlen_calls(decoder_input_ids=dec, decoder_attention_mask=tgt_mask) == encoder + decoder
+    assert varlen_calls(labels=other_labels, decoder_attention_mask=tgt_mask) == encoder
+    assert varlen_calls(labels=other_labels) == encoder
+    assert varlen_calls(decoder_input_ids=dec) == encoder
+    assert varlen_calls(model.generate, max_new_tokens=2, eos_token_id=None) == encoder
+    model.unpad_inputs = False
+    assert varlen_calls(labels=labels) == 0
