@@ -65,7 +65,7 @@ class RelativePositionBias:
     def diagonal_buckets(self, Lq, Lk):
         """Bucket of each diagonal ``j - i + Lq - 1`` of an (Lq, Lk) score matrix: (Lq + Lk - 1,) int64."""
         # query i sits at position i + (Lk - Lq), so j - i + Lq - 1 = t gives j - pos(i) = t - (Lk - 1)
-        relative = torch.arange(Lq + Lk - 1, device=self.table.device) - (Lk - 1)
+        relative = torch.arange(max(Lq + Lk - 1, 0), device=self.table.device) - (Lk - 1)  # none when Lq = Lk = 0
         return relative_position_bucket(relative, self.bidirectional, self.table.shape[0], self.max_distance)
 
     def bias(self, Lq, Lk):
@@ -223,11 +223,12 @@ def attention_reference(
 # (csrc/cuda/generate_kernels.py's list less what FASTLM_ATTN_HDIMS left out; none without the extension);
 # attn_bias and the rel_pos table may be fp32 too.
 CUDA_HEAD_DIMS = tuple(next((m.attention_head_dims() for m in (_ext.C, _ext.C_EMU) if m is not None), ()))
-_CUDA = Kernels(dtypes=(torch.float16, torch.bfloat16), head_dims=CUDA_HEAD_DIMS)
+CUDA_LIMITS = Kernels(dtypes=(torch.float16, torch.bfloat16), head_dims=CUDA_HEAD_DIMS)
 ATTENTION = OpFamily(
     "attention",
     ("attention",),
-    {"triton": Kernels(max_head_dim=256), "cuda": _CUDA, "cuda_emu": _CUDA, "cpu": Kernels(max_head_dim=256)},
+    {"triton": Kernels(max_head_dim=256), "cuda": CUDA_LIMITS, "cuda_emu": CUDA_LIMITS,
+     "cpu": Kernels(max_head_dim=256)},
 )
 
 
