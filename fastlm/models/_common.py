@@ -80,27 +80,35 @@ def check_same_shape(tensor, name, shape, expected="(B, L)"):
         raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
+def _mask_and_facts(attention_mask, shape, expected, name):
+    """(bool mask, whether it attends every key) of HF's attention_mask, checked, in one host sync."""
+    check_same_shape(attention_mask, name, shape, expected)
+    if attention_mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating, got dtype {attention_mask.dtype}")
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if attention_mask.dtype == torch.bool:
+        return mask, bool(mask.all())
+    valid = ((attention_mask == 0) | (attention_mask == 1)).all()
+    valid, full = torch.stack([valid, mask.all()]).tolist()  # the one host sync
+    if not valid:
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got other values")
+    return mask, full
+
+
 def attention_mask_bool(attention_mask, shape, expected="(B, L)", name="attention_mask"):
     """HF's attention_mask of ``shape``, 1 = token / 0 = padding (bool, integer or floating), as a bool
     tensor, True = attend. Any other value is a ValueError (an additive 0 / -inf mask would otherwise
     silently attend to the padding)."""
-    check_same_shape(attention_mask, name, shape, expected)
-    if attention_mask.is_complex():
-        raise TypeError(f"{name} must be bool, integer or floating, got dtype {attention_mask.dtype}")
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got other values")
-    return attention_mask != 0
+    return _mask_and_facts(attention_mask, shape, expected, name)[0]
 
 
 def key_padding_mask(attention_mask, shape, expected="(B, L)", name="attention_mask"):
     """HF's attention_mask (see ``attention_mask_bool``) as fastlm.attention's bool key_padding_mask; None
-    when absent or when every key is attended (the kernels then skip the mask)."""
+    when absent or when every key is attended (the kernels then skip the mask). One host sync."""
     if attention_mask is None:
         return None
-    mask = attention_mask_bool(attention_mask, shape, expected, name)
-    return None if bool(mask.all()) else mask
+    mask, full = _mask_and_facts(attention_mask, shape, expected, name)
+    return None if full else mask
 
 
 def init_normal(module, std):
