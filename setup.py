@@ -12,8 +12,8 @@ Knobs (environment variables):
   FASTLM_ATTN_HDIMS      ";"-separated attention head dims to build CUDA kernels for, default: all of
                          csrc/cuda/generate_kernels.py's HEAD_DIMS (e.g. FASTLM_ATTN_HDIMS=64 for a quick
                          developer build; the others are refused)
-  FASTLM_ATTN_EXTRAS=0   build the CUDA attention kernels without attn_bias / rel_pos / dropout (half the
-                         kernels, for a quick developer build; such calls are refused)
+  FASTLM_ATTN_EXTRAS=0   build the CUDA attention kernels without attn_bias / rel_pos / dropout and varlen (a
+                         third of the kernels, for a quick developer build; such calls are refused)
   FASTLM_REQUIRE_EXTENSION=1   fail the install when the extension does not compile (default: warn,
                          and `import fastlm` runs on the reference and Triton backends; fastlm.info()
                          says why the extension is missing)

@@ -13,14 +13,14 @@ namespace {
 constexpr const char* kFwd = "attention_fwd";
 constexpr const char* kBwd = "attention_bwd";
 
-// `t` (any dims, D last) as the kernels read it: unit stride along D, and for the CUDA kernels (cuda: t is on
-// their device; (B, H, L, D) then) other strides multiples of 8 elements and 16-byte aligned data (views of a
-// fused QKV projection usually qualify; anything else is copied).
+// `t` (any dims, D last: (B, H, L, D) or varlen (T, H, D)) as the kernels read it: unit stride along D, and for
+// the CUDA kernels (cuda: t is on their device) other strides multiples of 8 elements and 16-byte aligned data
+// (views of a fused QKV projection usually qualify; anything else is copied).
 at::Tensor rows_as_read(const at::Tensor& t, bool cuda) {
   bool ok = t.stride(-1) == 1 || t.size(-1) <= 1;
   if (cuda) {
-    ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+    ok = t.stride(-1) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 8 == 0;
   }
   return ok ? t : t.contiguous();
 }
@@ -246,29 +246,33 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   return {dq, dk, dv, dbias, dtable()};
 }
 
-#if !defined(FASTLM_EMU)
-// Varlen attention: the CPU kernels only (fastlm._C_emu, which runs the CUDA kernels, has no varlen entry
-// points, and CUDA tensors are refused by name).
+// Varlen attention: the CPU kernels on CPU tensors, the CUDA kernels (their VARLEN variants) on their device.
 constexpr const char* kVarlenFwd = "varlen_attention_fwd";
 constexpr const char* kVarlenBwd = "varlen_attention_bwd";
 
-// q (Tq, Hq, D), k, v (Tk, Hkv, D) and cu_seqlens as the CPU kernels take them; checked before any read
-// (the prefix sums on the host: they address the rows).
+// q (Tq, Hq, D), k, v (Tk, Hkv, D) and cu_seqlens as the kernels take them, checked before any read. The prefix
+// sums address the rows: where they live on the host (CPU tensors, and the emulator's) their values are checked
+// here; on a GPU that would be a host sync, so there they are the caller's contract (fastlm.varlen_attention
+// checks them under FASTLM_DEBUG_CHECKS=1).
 void check_varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     TORCH_CHECK(t->dim() == 3, op, ": ", name, " must be 3-D (T, H, D), got shape ", t->sizes());
-    TORCH_CHECK(t->is_cpu(), op, ": ", name, " is on ", t->device(),
-                ": varlen attention has CPU kernels only (CUDA tensors run the reference)");
   }
   // (T, H, D) -> (1, H, T, D) views: the shape checks of attention
   check_qkv(op, q.permute({1, 0, 2}).unsqueeze(0), k.permute({1, 0, 2}).unsqueeze(0), v.permute({1, 0, 2}).unsqueeze(0));
+  TORCH_CHECK(!on_kernel_device(q) || attention_extras_built(), op,
+              ": the CUDA varlen kernels were left out of this build (FASTLM_ATTN_EXTRAS=0)");
+  TORCH_CHECK(!on_kernel_device(q) || (cu_q.numel() - 1) * q.size(1) <= 65535, op,
+              ": B * Hq must be at most 65535, got ", (cu_q.numel() - 1) * q.size(1));
   for (const auto& [cu, name, rows, longest] :
        {std::tuple{&cu_q, "cu_seqlens_q", q.size(0), max_q}, std::tuple{&cu_k, "cu_seqlens_k", k.size(0), max_k}}) {
     TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() == cu_q.numel() && cu->numel() >= 1 &&
-                    cu->is_contiguous() && cu->is_cpu(),
-                op, ": ", name, " must be a contiguous int32 CPU (B + 1,) tensor like cu_seqlens_q, got ",
-                cu->scalar_type(), " ", cu->sizes(), " on ", cu->device());
+                    cu->is_contiguous(),
+                op, ": ", name, " must be a contiguous int32 (B + 1,) tensor like cu_seqlens_q, got ",
+                cu->scalar_type(), " ", cu->sizes());
+    check_same_device(op, *cu, name, q, "q");
+    if (!cu->is_cpu()) continue;
     const int32_t* starts = cu->data_ptr<int32_t>();
     TORCH_CHECK(starts[0] == 0 && starts[cu->numel() - 1] == rows, op, ": ", name,
                 " must start at 0 and end at the token count ", rows, ", got ", starts[0], " and ",
@@ -318,17 +322,19 @@ std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q_in, const at::T
                                              int64_t max_k, const c10::optional<at::Tensor>& table,
                                              const c10::optional<at::Tensor>& bucket, const at::Tensor& seed,
                                              bool causal, double scale, double dropout_p) {
+  const KernelDevice device(q_in);
   check_varlen(kVarlenFwd, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
-  const at::Tensor q = rows_as_read(q_in, false), k = rows_as_read(k_in, false), v = rows_as_read(v_in, false);
+  const bool cuda = on_kernel_device(q_in);
+  const at::Tensor q = rows_as_read(q_in, cuda), k = rows_as_read(k_in, cuda), v = rows_as_read(v_in, cuda);
   AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
   set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenFwd);
   at::Tensor o = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output({p.Hq, p.total_q}, q.options().dtype(at::kFloat));
-  if (lse.numel() == 0) return {o, lse};
+  if (lse.numel() == 0 || p.B == 0) return {o, lse};
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
   set_varlen_strides(p.o_stride, o);
-  cpu::attention_fwd(p);
+  device.run(kVarlenFwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_fwd), FASTLM_CPU_KERNEL(cpu::attention_fwd));
   return {o, lse};
 }
 
@@ -338,29 +344,43 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::
                                              int64_t max_k, const c10::optional<at::Tensor>& table,
                                              const c10::optional<at::Tensor>& bucket, const at::Tensor& seed,
                                              bool causal, double scale, double dropout_p, bool need_dtable) {
+  const KernelDevice device(q_in);
   check_varlen(kVarlenBwd, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
   TORCH_CHECK(table.has_value() || !need_dtable, kVarlenBwd, ": need_dtable without a rel_pos table");
   for (const auto& [t, name] : {std::pair{&do_in, "do"}, std::pair{&o_in, "o"}}) {
-    TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() && t->is_cpu(), kVarlenBwd, ": ",
-                name, " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), " on the CPU, got ",
-                t->sizes(), " ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type(), kVarlenBwd, ": ", name,
+                " must have q's shape ", q_in.sizes(), " and dtype ", q_in.scalar_type(), ", got ", t->sizes(), " ",
+                t->scalar_type());
+    check_same_device(kVarlenBwd, *t, name, q_in, "q");
   }
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef({q_in.size(1), q_in.size(0)}) &&
-                  lse_in.is_cpu(),
-              kVarlenBwd, ": lse must be float32 (Hq, Tq) = (", q_in.size(1), ", ", q_in.size(0), ") on the CPU, got ",
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef({q_in.size(1), q_in.size(0)}),
+              kVarlenBwd, ": lse must be float32 (Hq, Tq) = (", q_in.size(1), ", ", q_in.size(0), "), got ",
               lse_in.scalar_type(), " ", lse_in.sizes());
-  const at::Tensor q = rows_as_read(q_in, false), k = rows_as_read(k_in, false), v = rows_as_read(v_in, false);
-  const at::Tensor dout = rows_as_read(do_in, false), o = rows_as_read(o_in, false), lse = lse_in.contiguous();
+  check_same_device(kVarlenBwd, lse_in, "lse", q_in, "q");
+  const bool cuda = on_kernel_device(q_in);
+  const at::Tensor q = rows_as_read(q_in, cuda), k = rows_as_read(k_in, cuda), v = rows_as_read(v_in, cuda);
+  const at::Tensor dout = rows_as_read(do_in, cuda), o = rows_as_read(o_in, cuda), lse = lse_in.contiguous();
   AttentionParams p = make_varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale);
   set_extras(p, q, c10::nullopt, table, bucket, seed, dropout_p, kVarlenBwd);
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
-  // (B, Hq, 1, num_buckets) partials, zero-filled, summed in a fixed order -> (num_buckets, Hq)
+  // (B, Hq, slabs, num_buckets) partials, zero-filled (one per slab of queries from the CUDA kernels, one per
+  // head from the CPU kernels), summed in a fixed order -> (num_buckets, Hq)
+  const int64_t slabs = cuda ? (p.Lq + kAttentionSlab - 1) / kAttentionSlab : 1;
   at::Tensor dtable_partial = at::zeros(
-      need_dtable ? std::vector<int64_t>{p.B, p.Hq, 1, p.num_buckets} : std::vector<int64_t>{0}, q.options().dtype(at::kFloat));
+      need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0},
+      q.options().dtype(at::kFloat));
   auto dtable = [&] { return need_dtable ? dtable_partial.sum(at::IntArrayRef{0, 2}).t().contiguous() : dtable_partial; };
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable()};
+  if (q.numel() == 0 || k.numel() == 0 || p.B == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable()};
+  // the CUDA kernels' per-row scratch, (Hq, Tq) like lse: delta = rowsum(dO * O) and lse * log2(e)
+  at::Tensor delta, lse_log2;
+  if (cuda) {
+    delta = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));
+    lse_log2 = at::empty({p.Hq, p.total_q}, q.options().dtype(at::kFloat));
+    p.delta = delta.data_ptr<float>();
+    p.lse_log2 = lse_log2.data_ptr<float>();
+  }
   p.o = const_cast<void*>(o.data_ptr());
   p.lse = lse.data_ptr<float>();
   p.dout = dout.data_ptr();
@@ -373,10 +393,9 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::
   set_varlen_strides(p.dk_stride, dk);
   set_varlen_strides(p.dv_stride, dv);
   if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
-  cpu::attention_bwd(p);
+  device.run(kVarlenBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), FASTLM_CPU_KERNEL(cpu::attention_bwd));
   return {dq, dk, dv, dtable()};
 }
-#endif
 
 }  // namespace
 
@@ -400,24 +419,22 @@ void bind_attention(pybind11::module_& m) {
         pybind11::arg("lse"), pybind11::arg("bias"), pybind11::arg("mask"), pybind11::arg("table"),
         pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("dropout_p"), pybind11::arg("need_dbias"), pybind11::arg("need_dtable"));
-#if !defined(FASTLM_EMU)
   m.def("varlen_attention_fwd", &varlen_attention_fwd,
-        "Varlen attention forward on CPU tensors (fp32/fp16/bf16, head dims up to 256): q (Tq, Hq, D), k/v (Tk, "
-        "Hkv, D), cu_seqlens (B + 1,) int32, the longest lengths, rel_pos table (num_buckets, Hq) with bucket "
+        "Varlen attention forward (the dtypes and head dims of attention_fwd): q (Tq, Hq, D), k/v (Tk, Hkv, D), "
+        "cu_seqlens (B + 1,) int32 on q's device, the longest lengths, rel_pos table (num_buckets, Hq) with bucket "
         "(max_q + max_k - 1,) int32, dropout from seed: returns [o (Tq, Hq, D), lse (Hq, Tq) fp32]",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens_q"),
         pybind11::arg("cu_seqlens_k"), pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"),
         pybind11::arg("table"), pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"),
         pybind11::arg("scale"), pybind11::arg("dropout_p"));
   m.def("varlen_attention_bwd", &varlen_attention_bwd,
-        "Varlen attention backward on CPU tensors (deterministic): returns [dq, dk, dv, dtable]; dtable "
-        "(num_buckets, Hq) fp32 when need_dtable, else empty",
+        "Varlen attention backward (deterministic): returns [dq, dk, dv, dtable]; dtable (num_buckets, Hq) fp32 when "
+        "need_dtable, else empty",
         pybind11::arg("do"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
         pybind11::arg("lse"), pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"),
         pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"), pybind11::arg("table"),
         pybind11::arg("bucket"), pybind11::arg("seed"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("dropout_p"), pybind11::arg("need_dtable"));
-#endif
 }
 
 }  // namespace fastlm

@@ -65,15 +65,17 @@ struct AttentionParams {
   float* dbias = nullptr;
   float* dtable = nullptr;
 
-  // Varlen (the CPU kernels only): B sequences packed along the rows of q, k, v, o (their b strides are 0);
-  // sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys likewise; Lq and Lk are
-  // the longest lengths (they fix the dropout offsets and the rel_pos buckets: bucket holds the relative
-  // positions 1 - Lk .. Lq - 1); lse is (Hq, total_q). No mask, no bias.
+  // Varlen: B sequences packed along the rows of q, k, v, o, dout, dq, dk, dv (their b strides are 0);
+  // sequence b's queries are rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]), its keys likewise (int32 on the
+  // kernels' device); Lq and Lk are the longest lengths (they fix the dropout offsets and the rel_pos
+  // buckets: bucket holds the relative positions 1 - Lk .. Lq - 1); lse, delta and lse_log2 are
+  // (Hq, total_q). No mask, no bias.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0;
 
   bool has_extras() const { return bias != nullptr || table != nullptr || dropout_p > 0.f; }
+  bool varlen() const { return cu_seqlens_q != nullptr; }
 };
 
 // Whether this build has kernels for head dim D: one of generate_kernels.py's HEAD_DIMS that setup.py's
@@ -86,8 +88,9 @@ constexpr bool attention_head_dim_built(int64_t D) {
   return false;
 }
 
-// Whether this build has the EXTRAS kernels (attn_bias, rel_pos, dropout): setup.py's FASTLM_ATTN_EXTRAS=0
-// drops them for a quick developer build, defining FASTLM_ATTN_NO_EXTRAS (half the attention kernels).
+// Whether this build has the EXTRAS kernels (attn_bias, rel_pos, dropout; varlen calls run them too):
+// setup.py's FASTLM_ATTN_EXTRAS=0 drops them for a quick developer build, defining FASTLM_ATTN_NO_EXTRAS (two
+// thirds of the attention kernels).
 constexpr bool attention_extras_built() {
 #if defined(FASTLM_ATTN_NO_EXTRAS)
   return false;

@@ -34,8 +34,9 @@ struct BwdTile {
 // EXTRAS: S^T gets the bias / relative-position terms; with dropout Z, dV += (Z P / (1 - p))^T dO and
 // dS^T = P^T (Z dP^T / (1 - p) - delta[i]): Z is drawn before S^T takes its registers, and dV waits for
 // dS^T, after which P^T becomes Z P^T / (1 - p). EXTRAS kernels ask for one block per SM (up to 255
-// registers) rather than spill to fit 3.
-template <typename T, int D, bool CAUSAL, bool EXTRAS>
+// registers) rather than spill to fit 3. VARLEN: blockIdx.y is (sequence, kv head) of packed sequences
+// (Seq); blocks past the sequence's keys exit.
+template <typename T, int D, bool CAUSAL, bool EXTRAS, bool VARLEN>
 __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_kernel(const AttentionParams p) {
   constexpr int kKeys = BwdTile<D>::kKeys, kSteps = BwdTile<D>::kSteps, kPitchD = kPitch<D>;
   constexpr int kSplit = BwdTile<D>::kSplit, kCols = BwdTile<D>::kCols;
@@ -49,37 +50,39 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
 
   const int64_t b = blockIdx.y / p.Hkv, hkv = blockIdx.y % p.Hkv, group = p.Hq / p.Hkv;
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
+  const Seq<VARLEN> seq(p, b);
+  if (VARLEN && n0 >= seq.Lk()) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int w16 = 16 * (warp / kSplit), c0 = kCols * (warp % kSplit);  // its keys from n0 + w16, columns from c0
-  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
-  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv, seq.k0());
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv, seq.k0());
 
   // Causal: query i sees key j iff i >= j - (Lk - Lq); the first query that sees key n0 starts the scan.
-  const int64_t m_first = CAUSAL ? max(int64_t(0), n0 - (p.Lk - p.Lq)) / kSteps : 0;
-  const int64_t m_blocks = (p.Lq + kSteps - 1) / kSteps;
+  const int64_t m_first = CAUSAL ? max(int64_t(0), n0 - (seq.Lk() - seq.Lq())) / kSteps : 0;
+  const int64_t m_blocks = (seq.Lq() + kSteps - 1) / kSteps;
   const int steps = int(max(int64_t(0), m_blocks - m_first) * group);
 
   auto load_step = [&](int step, int buf) {
-    const int64_t h = hkv * group + step / (m_blocks - m_first), bh = b * p.Hq + h;
+    const int64_t h = hkv * group + step / (m_blocks - m_first);
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
-    load_tile<kSteps, D>(s_q + buf * kSteps * kPitchD, head_rows<const T>(p.q, p.q_stride, b, h), p.q_stride[2], m0,
-                         p.Lq);
-    load_tile<kSteps, D>(s_do + buf * kSteps * kPitchD, head_rows<const T>(p.dout, p.do_stride, b, h), p.do_stride[2],
-                         m0, p.Lq);
+    load_tile<kSteps, D>(s_q + buf * kSteps * kPitchD, head_rows<const T>(p.q, p.q_stride, b, h, seq.q0()),
+                         p.q_stride[2], m0, seq.Lq());
+    load_tile<kSteps, D>(s_do + buf * kSteps * kPitchD, head_rows<const T>(p.dout, p.do_stride, b, h, seq.q0()),
+                         p.do_stride[2], m0, seq.Lq());
     for (int i = threadIdx.x; i < kSteps; i += kThreads) {
-      const bool valid = m0 + i < p.Lq;  // rows past Lq: P = 0
-      s_lse[buf * kSteps + i] = valid ? p.lse_log2[bh * p.Lq + m0 + i] : INFINITY;
-      s_delta[buf * kSteps + i] = valid ? p.delta[bh * p.Lq + m0 + i] : 0.f;
+      const bool valid = m0 + i < seq.Lq();  // rows past Lq: P = 0
+      s_lse[buf * kSteps + i] = valid ? p.lse_log2[seq.row_index(b, h, m0 + i)] : INFINITY;
+      s_delta[buf * kSteps + i] = valid ? p.delta[seq.row_index(b, h, m0 + i)] : 0.f;
     }
   };
 
-  load_tile<kKeys, D>(s_k, k, p.k_stride[2], n0, p.Lk);
-  load_tile<kKeys, D>(s_v, v, p.v_stride[2], n0, p.Lk);
+  load_tile<kKeys, D>(s_k, k, p.k_stride[2], n0, seq.Lk());
+  load_tile<kKeys, D>(s_v, v, p.v_stride[2], n0, seq.Lk());
   stream_start(steps, load_step);
 
   float dk[kCols / 8][4] = {}, dv[kCols / 8][4] = {};  // this warp's 16 keys x kCols columns
   const int64_t key[2] = {n0 + w16 + g, n0 + w16 + g + 8};
-  const bool kept[2] = {key_kept(p, b, key[0]), key_kept(p, b, key[1])};
+  const bool kept[2] = {key_kept(p, seq, b, key[0]), key_kept(p, seq, b, key[1])};
 
   for (int step = 0; step < steps; ++step) {
     const int buf = stream_wait(step, steps, load_step);
@@ -87,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
     const T* sdo = s_do + buf * kSteps * kPitchD;
     const int64_t m0 = (m_first + step % (m_blocks - m_first)) * kSteps;
     const int64_t h = hkv * group + step / (m_blocks - m_first);
-    const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
+    const ScoreRule<CAUSAL, EXTRAS, VARLEN> rule(p, seq, b, h);
     // dropout's Z^T (rows: keys, columns: queries), drawn where P^T can be nonzero, before S^T takes registers
     [[maybe_unused]] uint32_t keep = ~0u;
     if constexpr (EXTRAS) {
@@ -95,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
 #pragma unroll
       for (int bit = 0; bit < kSteps / 2; ++bit) {
         const int64_t i = m0 + bit / 4 * 8 + 2 * t + bit % 2;
-        live |= uint32_t(i < p.Lq && rule.visible(kept[bit % 4 / 2], i, key[bit % 4 / 2])) << bit;
+        live |= uint32_t(i < seq.Lq() && rule.visible(kept[bit % 4 / 2], i, key[bit % 4 / 2])) << bit;
       }
       const int64_t base = ((b * p.Hq + h) * p.Lq + m0) * p.Lk + key[0] - g;  // offset of (query m0, first key)
       keep = dropout_keep<kSteps / 8>(p, live, base, 1, p.Lk);
@@ -130,8 +133,10 @@ __global__ void __launch_bounds__(kThreads, EXTRAS ? 1 : 0) attention_bwd_dkdv_k
   }
   stream_finish(steps);
 
-  store_rows<T, kCols>(head_rows<T>(p.dk, p.dk_stride, b, hkv) + c0, p.dk_stride[2], n0 + w16, p.Lk, dk, p.scale, p.scale);
-  store_rows<T, kCols>(head_rows<T>(p.dv, p.dv_stride, b, hkv) + c0, p.dv_stride[2], n0 + w16, p.Lk, dv, 1.f, 1.f);
+  store_rows<T, kCols>(head_rows<T>(p.dk, p.dk_stride, b, hkv, seq.k0()) + c0, p.dk_stride[2], n0 + w16, seq.Lk(), dk,
+                       p.scale, p.scale);
+  store_rows<T, kCols>(head_rows<T>(p.dv, p.dv_stride, b, hkv, seq.k0()) + c0, p.dv_stride[2], n0 + w16, seq.Lk(), dv,
+                       1.f, 1.f);
 }
 
 // The table gradient's smem (EXTRAS dQ kernel with p.dtable): per warp, its 16 x N dS tile skewed so that
@@ -145,13 +150,14 @@ struct DiagSkew {
   static constexpr int kBytes = kWarps * kWarpFloats * int(sizeof(float));
 };
 
-// Adds this warp's dS tile (queries row0 + [0, 16) of head bh, keys j0 + [0, N)) to its slab's partial of
-// dtable, deterministically: each diagonal summed over its rows in order (one lane per diagonal), then
-// lane l sums the diagonals of buckets l, l + 32, ... in diagonal order into its own entries of the
-// partial (one writer per entry, in program order).
+// Adds this warp's dS tile (queries row0 + [0, 16) of head bh, keys j0 + [0, N); the sequence's diagonal
+// j - i reads bucket[j - i + diag0]: Seq::diag0()) to its slab's partial of dtable, deterministically: each
+// diagonal summed over its rows in order (one lane per diagonal), then lane l sums the diagonals of buckets
+// l, l + 32, ... in diagonal order into its own entries of the partial (one writer per entry, in program
+// order).
 template <int N>
 __device__ __forceinline__ void add_dtable_tile(const AttentionParams& p, const float (&ds)[N / 8][4], float* skew,
-                                                int64_t bh, int64_t row0, int64_t j0) {
+                                                int64_t bh, int64_t row0, int64_t j0, int64_t diag0) {
   using Skew = DiagSkew<N>;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -171,7 +177,7 @@ __device__ __forceinline__ void add_dtable_tile(const AttentionParams& p, const 
     diag[d] = sum;
   }
   __syncwarp();
-  const int64_t t0 = j0 - (row0 + 15) + p.Lq - 1;  // diagonal d is j - i + Lq - 1 = t0 + d
+  const int64_t t0 = j0 - (row0 + 15) + diag0;  // diagonal d is j - i + diag0 = t0 + d
   const int64_t slabs = (p.Lq + kAttentionSlab - 1) / kAttentionSlab;
   float* partial = p.dtable + (bh * slabs + row0 / kAttentionSlab) * p.num_buckets;
   for (int64_t nb = lane; nb < p.num_buckets; nb += 32) {
@@ -187,8 +193,9 @@ __device__ __forceinline__ void add_dtable_tile(const AttentionParams& p, const 
 // dQ of queries [m0, m0 + 64) of head (b, h): per streamed K/V tile, S = Q K^T, P = exp2(S scale log2e -
 // lse_log2) (masked), dP = dO V^T, dS = P (dP - delta), dQ += dS K; dQ scaled once at the end. EXTRAS: S
 // gets the bias / relative-position terms, dropout Z makes dS = P (Z dP / (1 - p) - delta), and dS is
-// what the score extras' gradients are made of: written to dbias, summed per bucket into dtable.
-template <typename T, int D, bool CAUSAL, bool EXTRAS>
+// what the score extras' gradients are made of: written to dbias, summed per bucket into dtable. VARLEN:
+// blockIdx.y is (sequence, head) of packed sequences (Seq); blocks past the sequence's queries exit.
+template <typename T, int D, bool CAUSAL, bool EXTRAS, bool VARLEN>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const AttentionParams p) {
   constexpr int kQueries = BwdTile<D>::kQueries, kKeyStep = BwdTile<D>::kKeyStep, kPitchD = kPitch<D>;
   FASTLM_DYNAMIC_SHARED(T, smem);
@@ -200,33 +207,35 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
 
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kQueries;
+  const Seq<VARLEN> seq(p, b);
+  if (VARLEN && m0 >= seq.Lq()) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   static_assert(kQueries == kAttentionSlab * kWarps, "a dtable slab is one warp's rows");
   float* s_skew = s_kbias + 2 * kKeyStep + warp * DiagSkew<kKeyStep>::kWarpFloats;  // with p.dtable only
   if (EXTRAS && p.dtable != nullptr) {
     for (int i = lane; i < kAttentionSlab * DiagSkew<kKeyStep>::kStride; i += 32) s_skew[i] = 0.f;
   }
-  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
-  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv, seq.k0());
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv, seq.k0());
 
-  const int n_blocks = visible_key_tiles<kKeyStep, kQueries, CAUSAL>(p, m0);
+  const int n_blocks = visible_key_tiles<kKeyStep, kQueries, CAUSAL>(seq, m0);
   auto load_kv = [&](int n, int buf) {
     load_kv_tile<kKeyStep, D>(s_k + buf * kKeyStep * kPitchD, s_v + buf * kKeyStep * kPitchD,
-                              s_kbias + buf * kKeyStep, k, v, p, b, int64_t(n) * kKeyStep);
+                              s_kbias + buf * kKeyStep, k, v, p, seq, b, int64_t(n) * kKeyStep);
   };
 
-  load_tile<kQueries, D>(s_q, head_rows<const T>(p.q, p.q_stride, b, h), p.q_stride[2], m0, p.Lq);
-  load_tile<kQueries, D>(s_do, head_rows<const T>(p.dout, p.do_stride, b, h), p.do_stride[2], m0, p.Lq);
+  load_tile<kQueries, D>(s_q, head_rows<const T>(p.q, p.q_stride, b, h, seq.q0()), p.q_stride[2], m0, seq.Lq());
+  load_tile<kQueries, D>(s_do, head_rows<const T>(p.dout, p.do_stride, b, h, seq.q0()), p.do_stride[2], m0, seq.Lq());
   stream_start(n_blocks, load_kv);
 
   const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   // Per row: lse_log2 and delta; rows past Lq get P = 0.
-  const float lse[2] = {row[0] < p.Lq ? p.lse_log2[bh * p.Lq + row[0]] : INFINITY,
-                        row[1] < p.Lq ? p.lse_log2[bh * p.Lq + row[1]] : INFINITY};
-  const float delta[2] = {row[0] < p.Lq ? p.delta[bh * p.Lq + row[0]] : 0.f,
-                          row[1] < p.Lq ? p.delta[bh * p.Lq + row[1]] : 0.f};
+  const float lse[2] = {row[0] < seq.Lq() ? p.lse_log2[seq.row_index(b, h, row[0])] : INFINITY,
+                        row[1] < seq.Lq() ? p.lse_log2[seq.row_index(b, h, row[1])] : INFINITY};
+  const float delta[2] = {row[0] < seq.Lq() ? p.delta[seq.row_index(b, h, row[0])] : 0.f,
+                          row[1] < seq.Lq() ? p.delta[seq.row_index(b, h, row[1])] : 0.f};
   float dq[D / 8][4] = {};
-  const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
+  const ScoreRule<CAUSAL, EXTRAS, VARLEN> rule(p, seq, b, h);
 
   for (int n = 0; n < n_blocks; ++n) {
     const int buf = stream_wait(n, n_blocks, load_kv);
@@ -266,24 +275,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_dq_kernel(const Att
         }
       }
       const int64_t row0 = m0 + warp * 16;
-      if (p.dtable != nullptr && row0 < p.Lq) add_dtable_tile<kKeyStep>(p, ds, s_skew, bh, row0, j0);
+      if (p.dtable != nullptr && row0 < seq.Lq()) add_dtable_tile<kKeyStep>(p, ds, s_skew, bh, row0, j0, seq.diag0());
     }
     mma_acc_rows<T, D, kKeyStep>(dq, ds, sk);  // dQ += dS K
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   stream_finish(n_blocks);
 
-  store_rows<T, D>(head_rows<T>(p.dq, p.dq_stride, b, h), p.dq_stride[2], m0 + warp * 16, p.Lq, dq, p.scale, p.scale);
+  store_rows<T, D>(head_rows<T>(p.dq, p.dq_stride, b, h, seq.q0()), p.dq_stride[2], m0 + warp * 16, seq.Lq(), dq, p.scale,
+                   p.scale);
 }
 
-// Instantiates the dK/dV and dQ kernels for head dim D over the dtypes, the causal flag and EXTRAS
+// Instantiates the dK/dV and dQ kernels for head dim D over the dtypes, the causal flag, EXTRAS and VARLEN
 // (after the preprocess has written delta and lse_log2).
 template <int D>
 cudaError_t launch_bwd_hdim(const AttentionParams& p, cudaStream_t stream) {
-  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS>() {
+  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS, bool VARLEN>() {
     using Tile = BwdTile<D>;
-    auto dkdv = attention_bwd_dkdv_kernel<T, D, CAUSAL, EXTRAS>;
-    auto dq = attention_bwd_dq_kernel<T, D, CAUSAL, EXTRAS>;
+    auto dkdv = attention_bwd_dkdv_kernel<T, D, CAUSAL, EXTRAS, VARLEN>;
+    auto dq = attention_bwd_dq_kernel<T, D, CAUSAL, EXTRAS, VARLEN>;
     if (const cudaError_t err = allow_smem(dkdv, Tile::kDkdvSmem); err != cudaSuccess) return err;
     const int dq_smem = Tile::kDqSmem + (EXTRAS && p.dtable != nullptr ? DiagSkew<Tile::kKeyStep>::kBytes : 0);
     if (const cudaError_t err = allow_smem(dq, dq_smem); err != cudaSuccess) return err;

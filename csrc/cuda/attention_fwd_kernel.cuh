@@ -19,9 +19,11 @@ struct FwdTile {
 };
 
 // EXTRAS: scores get the bias / relative-position terms and probabilities the dropout mask (times
-// 1 / (1 - p)) after they entered the row sums, so the LSE is that of the undropped softmax.
-template <typename T, int D, bool CAUSAL, bool EXTRAS>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+// 1 / (1 - p)) after they entered the row sums, so the LSE is that of the undropped softmax. VARLEN:
+// blockIdx.y is (sequence, head) of packed sequences (Seq); blocks past the sequence's queries exit. VARLEN
+// kernels ask for one block per SM (up to 255 registers): left to itself, ptxas caps some at 128 and spills.
+template <typename T, int D, bool CAUSAL, bool EXTRAS, bool VARLEN>
+__global__ void __launch_bounds__(kThreads, VARLEN ? 1 : 0) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kBlockM = FwdTile<D>::kBlockM, kBlockN = FwdTile<D>::kBlockN, kPitchD = kPitch<D>;
   FASTLM_DYNAMIC_SHARED(T, smem);
   T* s_q = smem;                                   // (kBlockM, kPitchD)
@@ -31,24 +33,26 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hkv = h / (p.Hq / p.Hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
+  const Seq<VARLEN> seq(p, b);
+  if (VARLEN && m0 >= seq.Lq()) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const T* q = head_rows<const T>(p.q, p.q_stride, b, h);
-  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv);
-  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv);
+  const T* q = head_rows<const T>(p.q, p.q_stride, b, h, seq.q0());
+  const T* k = head_rows<const T>(p.k, p.k_stride, b, hkv, seq.k0());
+  const T* v = head_rows<const T>(p.v, p.v_stride, b, hkv, seq.k0());
 
-  const int n_blocks = visible_key_tiles<kBlockN, kBlockM, CAUSAL>(p, m0);
+  const int n_blocks = visible_key_tiles<kBlockN, kBlockM, CAUSAL>(seq, m0);
   auto load_kv = [&](int n, int buf) {
     load_kv_tile<kBlockN, D>(s_k + buf * kBlockN * kPitchD, s_v + buf * kBlockN * kPitchD, s_kbias + buf * kBlockN, k,
-                             v, p, b, int64_t(n) * kBlockN);
+                             v, p, seq, b, int64_t(n) * kBlockN);
   };
 
-  load_tile<kBlockM, D>(s_q, q, p.q_stride[2], m0, p.Lq);
+  load_tile<kBlockM, D>(s_q, q, p.q_stride[2], m0, seq.Lq());
   stream_start(n_blocks, load_kv);
 
   float acc[D / 8][4] = {};                       // O accumulators: 8-column tiles of this warp's 16 rows
   float row_max[2] = {-INFINITY, -INFINITY};      // rows g, g+8 (log2 domain, scaled)
   float row_sum[2] = {0.f, 0.f};                  // this lane's partial sums of those rows
-  const ScoreRule<CAUSAL, EXTRAS> rule(p, b, h);
+  const ScoreRule<CAUSAL, EXTRAS, VARLEN> rule(p, seq, b, h);
   const int64_t row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
 
   for (int n = 0; n < n_blocks; ++n) {
@@ -108,18 +112,19 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[r] = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
-    if (t == 0 && row[r] < p.Lq) {
-      p.lse[bh * p.Lq + row[r]] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
+    if (t == 0 && row[r] < seq.Lq()) {
+      p.lse[seq.row_index(b, h, row[r])] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
     }
   }
-  store_rows<T, D>(head_rows<T>(p.o, p.o_stride, b, h), p.o_stride[2], m0 + warp * 16, p.Lq, acc, inv[0], inv[1]);
+  store_rows<T, D>(head_rows<T>(p.o, p.o_stride, b, h, seq.q0()), p.o_stride[2], m0 + warp * 16, seq.Lq(), acc, inv[0],
+                   inv[1]);
 }
 
-// Instantiates the forward for head dim D over the dtypes, the causal flag and EXTRAS.
+// Instantiates the forward for head dim D over the dtypes, the causal flag, EXTRAS and VARLEN.
 template <int D>
 cudaError_t launch_fwd_hdim(const AttentionParams& p, cudaStream_t stream) {
-  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS>() {
-    auto kernel = attention_fwd_kernel<T, D, CAUSAL, EXTRAS>;
+  return attention_switch(p, [&]<typename T, bool CAUSAL, bool EXTRAS, bool VARLEN>() {
+    auto kernel = attention_fwd_kernel<T, D, CAUSAL, EXTRAS, VARLEN>;
     constexpr int kSmem = FwdTile<D>::kSmemBytes;
     if (const cudaError_t err = allow_smem(kernel, kSmem); err != cudaSuccess) return err;
     const dim3 grid(unsigned((p.Lq + FwdTile<D>::kBlockM - 1) / FwdTile<D>::kBlockM), unsigned(p.B * p.Hq));

@@ -117,20 +117,60 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride
   }
 }
 
-// Whether key `col` of batch b exists and is attended (key_padding_mask).
-__device__ __forceinline__ bool key_kept(const AttentionParams& p, int64_t b, int64_t col) {
-  return col < p.Lk && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
+// The sequence a block works on, at the block's start. Padded calls (VARLEN false): batch b of the (B, H, L,
+// D) tensors, all of its Lq queries and Lk keys. Varlen calls: sequence b of the packed tensors (b strides
+// 0), its rows and lengths from cu_seqlens; p.Lq and p.Lk are then the longest lengths, which still fix the
+// dropout offsets and the rel_pos diagonals. Query and key positions (i, j) count from the sequence's start
+// in both, and every bound on them is this struct's.
+template <bool VARLEN>
+struct Seq {
+  const AttentionParams& p;
+  int32_t first_q = 0, first_k = 0, count_q = 0, count_k = 0;  // varlen only (padded calls read p)
+
+  __device__ __forceinline__ Seq(const AttentionParams& params, int64_t b) : p(params) {
+    if constexpr (VARLEN) {
+      first_q = __ldg(p.cu_seqlens_q + b);
+      first_k = __ldg(p.cu_seqlens_k + b);
+      count_q = __ldg(p.cu_seqlens_q + b + 1) - first_q;
+      count_k = __ldg(p.cu_seqlens_k + b + 1) - first_k;
+    }
+  }
+
+  __device__ __forceinline__ int64_t q0() const { return VARLEN ? first_q : 0; }  // first query row of the sequence
+  __device__ __forceinline__ int64_t k0() const { return VARLEN ? first_k : 0; }  // first key row
+  __device__ __forceinline__ int64_t Lq() const { return VARLEN ? count_q : p.Lq; }  // its query count
+  __device__ __forceinline__ int64_t Lk() const { return VARLEN ? count_k : p.Lk; }  // its key count
+
+  // The element of p.bucket of the sequence's diagonal j - i = 1 - Lq: the buckets are those of the (p.Lq,
+  // p.Lk) score matrix, diagonal j - i + p.Lq - 1, and a varlen sequence's query i sits at position
+  // i + Lk - Lq of its keys, as it would at i + p.Lk - p.Lq in that matrix.
+  __device__ __forceinline__ int64_t diag0() const { return VARLEN ? count_q - 1 + p.Lk - count_k : p.Lq - 1; }
+
+  // Element of query i of head h (batch b) in the per-row fp32 arrays: lse, delta, lse_log2 ((B, Hq, Lq),
+  // varlen (Hq, total_q)).
+  __device__ __forceinline__ int64_t row_index(int64_t b, int64_t h, int64_t i) const {
+    return VARLEN ? h * p.total_q + first_q + i : (b * p.Hq + h) * p.Lq + i;
+  }
+};
+
+// Whether key `col` of the sequence (batch b) exists and is attended (key_padding_mask).
+template <bool VARLEN>
+__device__ __forceinline__ bool key_kept(const AttentionParams& p, const Seq<VARLEN>& seq, int64_t b, int64_t col) {
+  return col < seq.Lk() && (p.mask == nullptr || p.mask[b * p.mask_stride[0] + col * p.mask_stride[1]]);
 }
 
 // key_kept as an additive score mask: 0 where the key is kept, -inf where it is not.
-__device__ __forceinline__ float key_bias(const AttentionParams& p, int64_t b, int64_t col) {
-  return key_kept(p, b, col) ? 0.f : -INFINITY;
+template <bool VARLEN>
+__device__ __forceinline__ float key_bias(const AttentionParams& p, const Seq<VARLEN>& seq, int64_t b, int64_t col) {
+  return key_kept(p, seq, b, col) ? 0.f : -INFINITY;
 }
 
-// Rows of head (b, h) of a (B, H, L, D) tensor (`stride`: its (b, h, l) strides, elements) as T.
+// Rows of head (b, h) of a (B, H, L, D) tensor (`stride`: its (b, h, l) strides, elements) as T, from row
+// `row0` on (a varlen sequence's first row; b strides are 0 there).
 template <typename T, typename Ptr>
-__device__ __forceinline__ T* head_rows(Ptr* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
-  return static_cast<T*>(base) + b * stride[0] + h * stride[1];
+__device__ __forceinline__ T* head_rows(Ptr* base, const int64_t (&stride)[3], int64_t b, int64_t h,
+                                        int64_t row0 = 0) {
+  return static_cast<T*>(base) + b * stride[0] + h * stride[1] + row0 * stride[2];
 }
 
 // Element `idx` of a float32 / float16 / bfloat16 array, as fp32 (the 16-bit types widened from their bits).
@@ -140,38 +180,41 @@ __device__ __forceinline__ float load_as_float(const void* ptr, DType dtype, int
   return dtype == DType::bf16 ? __uint_as_float(bits << 16) : __half2float(__ushort_as_half(bits));
 }
 
-// Score extras (EXTRAS kernels) of query i < Lq and key j < Lk of head (b, h), log2 domain:
-// (bias[b, h, i, j] + table[bucket[j - i + Lq - 1], h]) * log2(e), bucket entries clamped to the table.
+// Score extras (EXTRAS kernels) of query i and key j of head (b, h) (i, j inside the sequence), log2 domain:
+// (bias[b, h, i, j] + table[bucket[j - i + diag0], h]) * log2(e) (diag0: Seq::diag0()), bucket entries
+// clamped to the table.
 __device__ __forceinline__ float score_extras_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
-                                                   int64_t j) {
+                                                   int64_t j, int64_t diag0) {
   float extra = 0.f;
   if (p.bias != nullptr) {
     extra += load_as_float(p.bias, p.bias_dtype,
                            b * p.bias_stride[0] + h * p.bias_stride[1] + i * p.bias_stride[2] + j * p.bias_stride[3]);
   }
   if (p.table != nullptr) {
-    const int64_t bucket = min(max(int64_t(__ldg(p.bucket + (j - i + p.Lq - 1))), int64_t(0)), p.num_buckets - 1);
+    const int64_t bucket = min(max(int64_t(__ldg(p.bucket + (j - i + diag0))), int64_t(0)), p.num_buckets - 1);
     extra += load_as_float(p.table, p.table_dtype, bucket * p.table_stride[0] + h * p.table_stride[1]);
   }
   return extra * kLog2e;
 }
 
 // The scores of head (b, h) as every kernel computes them, written once: query i sees key j when the key is
-// kept (it exists and key_padding_mask attends it: key_kept) and, with CAUSAL, j <= i + Lk - Lq; the
-// log2-domain score of a pair it sees is q.k * scale * log2(e) plus the score terms (terms()). A new score
-// term goes into terms(), and only there.
-template <bool CAUSAL, bool EXTRAS>
+// kept (it exists and key_padding_mask attends it: key_kept) and, with CAUSAL, j <= i + Lk - Lq (the
+// sequence's lengths: Seq); the log2-domain score of a pair it sees is q.k * scale * log2(e) plus the score
+// terms (terms()). A new score term goes into terms(), and only there.
+template <bool CAUSAL, bool EXTRAS, bool VARLEN>
 struct ScoreRule {
   const AttentionParams& p;
+  Seq<VARLEN> seq;
   int64_t b, h;
   float scale_log2;
 
-  __device__ __forceinline__ ScoreRule(const AttentionParams& params, int64_t batch, int64_t head)
-      : p(params), b(batch), h(head), scale_log2(params.scale * kLog2e) {}
+  __device__ __forceinline__ ScoreRule(const AttentionParams& params, const Seq<VARLEN>& sequence, int64_t batch,
+                                       int64_t head)
+      : p(params), seq(sequence), b(batch), h(head), scale_log2(params.scale * kLog2e) {}
 
   // Whether the causal mask lets query i see key j (always without CAUSAL).
   __device__ __forceinline__ bool causal_visible(int64_t i, int64_t j) const {
-    return !CAUSAL || j <= i + p.Lk - p.Lq;
+    return !CAUSAL || j <= i + seq.Lk() - seq.Lq();
   }
 
   // Whether query i sees key j, given whether the key is kept.
@@ -180,10 +223,10 @@ struct ScoreRule {
   }
 
   // x, the scaled q.k of query i and a key j it sees, plus the score terms: in the EXTRAS kernels
-  // score_extras_log2 (none for rows past Lq, so nothing outside the inputs is read).
+  // score_extras_log2 (none for rows past the sequence's Lq, so nothing outside the inputs is read).
   __device__ __forceinline__ float terms(float x, int64_t i, int64_t j) const {
     if constexpr (EXTRAS) {
-      if (i < p.Lq) x += score_extras_log2(p, b, h, i, j);
+      if (i < seq.Lq()) x += score_extras_log2(p, b, h, i, j, seq.diag0());
     }
     return x;
   }
@@ -201,7 +244,7 @@ struct ScoreRule {
   // (visible() written out: calling it here spills too, as does `kept && causal_visible(i, j)`.)
   __device__ __forceinline__ float prob(float qk, bool kept, int64_t i, int64_t j, const float* lse_log2) const {
     bool seen = kept;
-    if (CAUSAL) seen = seen && j <= i + p.Lk - p.Lq;
+    if (CAUSAL) seen = seen && j <= i + seq.Lk() - seq.Lq();
     return seen ? exp2f(terms(qk * scale_log2, i, j) - *lse_log2) : 0.f;
   }
 };
@@ -292,23 +335,24 @@ __device__ __forceinline__ void apply_keep(const AttentionParams& p, float (&x)[
   }
 }
 
-// Number of ROWS-key tiles that can be visible to queries [m0, m0 + QUERIES): every tile, or with CAUSAL
-// those up to the last query's diagonal (key j is visible to query i iff j <= i + Lk - Lq).
-template <int ROWS, int QUERIES, bool CAUSAL>
-__device__ __forceinline__ int visible_key_tiles(const AttentionParams& p, int64_t m0) {
-  int64_t n_end = p.Lk;
-  if (CAUSAL) n_end = max(int64_t(0), min(p.Lk, m0 + QUERIES + p.Lk - p.Lq));
+// Number of ROWS-key tiles of the sequence that can be visible to queries [m0, m0 + QUERIES): every tile, or
+// with CAUSAL those up to the last query's diagonal (key j is visible to query i iff j <= i + Lk - Lq).
+template <int ROWS, int QUERIES, bool CAUSAL, bool VARLEN>
+__device__ __forceinline__ int visible_key_tiles(const Seq<VARLEN>& seq, int64_t m0) {
+  int64_t n_end = seq.Lk();
+  if (CAUSAL) n_end = max(int64_t(0), min(seq.Lk(), m0 + QUERIES + seq.Lk() - seq.Lq()));
   return int((n_end + ROWS - 1) / ROWS);
 }
 
-// Keys [j0, j0 + ROWS) of batch b: K and V rows into s_k, s_v (cp.async, zeros past Lk) and their key
-// mask as an additive bias into s_kbias (0 kept, -inf padded out or past Lk: key_bias).
-template <int ROWS, int D, typename T>
+// Keys [j0, j0 + ROWS) of the sequence (batch b; k, v its first rows): K and V rows into s_k, s_v (cp.async,
+// zeros past its Lk) and their key mask as an additive bias into s_kbias (0 kept, -inf padded out or past
+// Lk: key_bias).
+template <int ROWS, int D, typename T, bool VARLEN>
 __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, float* s_kbias, const T* k, const T* v,
-                                             const AttentionParams& p, int64_t b, int64_t j0) {
-  load_tile<ROWS, D>(s_k, k, p.k_stride[2], j0, p.Lk);
-  load_tile<ROWS, D>(s_v, v, p.v_stride[2], j0, p.Lk);
-  for (int j = threadIdx.x; j < ROWS; j += kThreads) s_kbias[j] = key_bias(p, b, j0 + j);
+                                             const AttentionParams& p, const Seq<VARLEN>& seq, int64_t b, int64_t j0) {
+  load_tile<ROWS, D>(s_k, k, p.k_stride[2], j0, seq.Lk());
+  load_tile<ROWS, D>(s_v, v, p.v_stride[2], j0, seq.Lk());
+  for (int j = threadIdx.x; j < ROWS; j += kThreads) s_kbias[j] = key_bias(p, seq, b, j0 + j);
 }
 
 // Rows [row0, row0 + 16) of this warp's accumulators (row g, cols 2t, 2t+1 of each 8-column tile, then
@@ -330,14 +374,19 @@ __device__ __forceinline__ void store_rows(T* out, int64_t stride, int64_t row0,
   }
 }
 
-// Instantiates launch<T, CAUSAL, EXTRAS>(p, stream) for p's dtype, causal flag and p.has_extras(): one
-// EXTRAS kernel serves every mix of bias / rel_pos / dropout through warp-uniform runtime checks, and
-// the plain kernels carry none of that code.
+// Instantiates launch<T, CAUSAL, EXTRAS, VARLEN>(p, stream) for p's dtype, causal flag, p.has_extras() and
+// p.varlen(): one EXTRAS kernel serves every mix of bias / rel_pos / dropout through warp-uniform runtime
+// checks, and the plain kernels carry none of that code. Varlen calls always take the EXTRAS kernels (their
+// VARLEN variants, the only ones instantiated), which keeps the count of kernels at 3 per dtype and causal
+// flag; so a build without EXTRAS (FASTLM_ATTN_EXTRAS=0) has no varlen kernels either.
 template <typename Launch>
 cudaError_t attention_switch(const AttentionParams& p, Launch&& launch) {
   auto by_extras = [&]<typename T, bool CAUSAL>() {
-    if (!p.has_extras()) return launch.template operator()<T, CAUSAL, false>();
-    if constexpr (attention_extras_built()) return launch.template operator()<T, CAUSAL, true>();
+    if (!p.has_extras() && !p.varlen()) return launch.template operator()<T, CAUSAL, false, false>();
+    if constexpr (attention_extras_built()) {
+      if (p.varlen()) return launch.template operator()<T, CAUSAL, true, true>();
+      return launch.template operator()<T, CAUSAL, true, false>();
+    }
     return cudaErrorInvalidValue;
   };
   auto by_causal = [&]<typename T>() {
