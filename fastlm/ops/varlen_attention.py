@@ -18,6 +18,7 @@ import torch
 from ._family import Kernels, OpFamily
 from ._library import kernel_op
 from .attention import (
+    CUDA_LIMITS,
     _autocast_dtype,
     _default_scale,
     _describe,
@@ -31,10 +32,12 @@ from .cross_entropy import _host_checks
 __all__ = ["varlen_attention", "varlen_attention_reference"]
 
 # The Triton kernels (kernels/varlen_attention.py) and the CPU C++ kernels (csrc/cpu/attention.cpp) take every
-# kernel dtype and head dims up to 256; the CUDA C++ kernels have no varlen path yet.
+# kernel dtype and head dims up to 256; the CUDA C++ kernels (the VARLEN variants of csrc/cuda/attention*.cu)
+# take what they take for fastlm.attention.
 VARLEN_ATTENTION = OpFamily(
     "varlen_attention", ("varlen_attention",),
-    {"triton": Kernels(max_head_dim=256), "cpu": Kernels(max_head_dim=256)},
+    {"triton": Kernels(max_head_dim=256), "cuda": CUDA_LIMITS, "cuda_emu": CUDA_LIMITS,
+     "cpu": Kernels(max_head_dim=256)},
 )
 
 

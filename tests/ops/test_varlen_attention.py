@@ -5,13 +5,24 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.ops.attention import RelativePositionBias, attention, dropout_keep_mask
+from fastlm.ops.attention import CUDA_HEAD_DIMS, RelativePositionBias, attention, dropout_keep_mask
 from fastlm.ops.varlen_attention import VARLEN_ATTENTION, varlen_attention, varlen_attention_reference
 from fastlm.testing import assert_close_to_reference, default_device, randn
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 DEVICE = default_device()
 KERNELS = [name for name in VARLEN_ATTENTION.available(DEVICE) if name != "reference"]
+# The CUDA C++ kernels (cuda on a GPU, cuda_emu on the CPU through the emulator) take fp16 / bf16 and the head
+# dims of CUDA_HEAD_DIMS only: the tests hand them such inputs.
+CUDA_KERNELS = [name for name in KERNELS if name in ("cuda", "cuda_emu")]
+
+
+def kernel_inputs(backend, dtype=FP32, D=16):
+    """(dtype, head dim) of a test's inputs on `backend`: `dtype` and `D`, or for the CUDA kernels fp16 (bf16
+    stays) and the smallest CUDA head dim at least D."""
+    if backend not in CUDA_KERNELS:
+        return dtype, D
+    return (dtype if dtype == BF16 else FP16), min(d for d in CUDA_HEAD_DIMS if d >= D)
 
 
 def cu(lengths):
@@ -26,8 +37,10 @@ def _forward_backward(fn, leaves, do, **kw):
 
 
 def _run(backend, lengths_q, lengths_k, Hq=4, Hkv=2, D=24, dtype=FP16, causal=False, rel_pos=None, dropout_p=0.0):
-    """Forward and backward of varlen_attention on `backend` against the reference (fp64 oracle and the
-    same-dtype baseline, given the same dropout mask): output and every gradient under the rule."""
+    """Forward and backward of varlen_attention on `backend` (on inputs it takes: kernel_inputs) against the
+    reference (fp64 oracle and the same-dtype baseline, given the same dropout mask): output and every
+    gradient under the rule."""
+    dtype, D = kernel_inputs(backend, dtype, D)
     Tq, Tk = sum(lengths_q), sum(lengths_k)
     max_q, max_k = max(lengths_q), max(lengths_k)
     leaves = {"q": randn(Tq, Hq, D, dtype=dtype, device=DEVICE), "k": randn(Tk, Hkv, D, dtype=dtype, device=DEVICE),
@@ -98,8 +111,9 @@ def test_equals_padded_attention_dropout_included(kernel):
     """The same seed gives padded attention's dropout mask: varlen on the packed tokens equals
     fastlm.attention on the right-padded batch, at the real rows."""
     lengths = [37, 64, 5]
-    B, H, L, D = len(lengths), 2, max(lengths), 16
-    q, k, v = (randn(B, H, L, D, device=DEVICE) for _ in range(3))
+    dtype, D = kernel_inputs(kernel)
+    B, H, L = len(lengths), 2, max(lengths)
+    q, k, v = (randn(B, H, L, D, dtype=dtype, device=DEVICE) for _ in range(3))
     keep = torch.arange(L, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]  # (B, L)
     with fastlm.use_backend(kernel):
         torch.manual_seed(7)
@@ -161,7 +175,8 @@ def test_bad_input(case):
 )
 def test_glue_checks_before_reading(kernel, cu_q, max_q, words):
     """Direct calls of the kernel entry point: bad prefix sums are refused before any row is read."""
-    q = torch.randn(9, 2, 16)
+    dtype, D = kernel_inputs(kernel)
+    q = torch.randn(9, 2, D).to(dtype)
     cu_q = torch.tensor(cu_q, dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
     seed = torch.zeros(1, dtype=torch.int64)
@@ -173,9 +188,11 @@ def test_glue_checks_before_reading(kernel, cu_q, max_q, words):
 def test_any_strides(backend):
     """q, k, v as views whose head dim is not unit-stride (a (T, D, H) storage transposed), and a sliced
     do: the same output and gradients as contiguous copies."""
+    dtype, D = kernel_inputs(backend)
     lengths = cu([9, 4, 13])
-    leaves = [randn(26, 16, 2, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3)]  # (T, H, D)
-    do = randn(26, 2, 32, device=DEVICE)[..., ::2]  # (T, H, D), stride 2 along D
+    # (T, D, H) storage -> (T, H, D) views
+    leaves = [randn(26, D, 2, dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3)]
+    do = randn(26, 2, 2 * D, dtype=dtype, device=DEVICE)[..., ::2]  # (T, H, D), stride 2 along D
     with fastlm.use_backend(backend):
         out = varlen_attention(*leaves, lengths, lengths, 13, 13, causal=True)
         grads = torch.autograd.grad(out, leaves, do)
@@ -185,3 +202,13 @@ def test_any_strides(backend):
     torch.testing.assert_close(out, expected)
     for grad, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("D", CUDA_HEAD_DIMS)
+def test_cuda_head_dims(kernel, D):
+    """Every head dim of the CUDA kernels (their tiles and dK/dV column split differ), over several query and
+    key blocks, with causal and T5 relative positions at the larger dims."""
+    torch.manual_seed(D)
+    _run(kernel, [71, 1, 0, 40], [71, 1, 0, 40], Hq=2, Hkv=1, D=D, dtype=BF16 if D in (96, 256) else FP16,
+         causal=D >= 128, rel_pos=False if D >= 96 else None)
