@@ -23,6 +23,7 @@ __all__ = [
     "check_labels",
     "check_length",
     "check_same_shape",
+    "has_holes",
     "init_normal",
     "key_padding_mask",
     "run_unpadded",
@@ -251,6 +252,16 @@ def run_unpadded(layers, x, mask):
     the result scattered back to (B, L, E) with zeros at the padding. mask: (B, L) bool, True = real token."""
     packed, sequences = PackedSequences.pack(x, mask)  # (T, E)
     return sequences.pad(layers(packed, sequences))  # (T, E) -> (B, L, E)
+
+
+def has_holes(mask):
+    """Whether a row of mask (B, L) bool (True = real token) has padding between two real tokens: packing its
+    tokens would then bring them closer, which changes relative positions (T5). One host sync."""
+    L = mask.shape[1]
+    position = torch.arange(L, device=mask.device)  # (L,)
+    first = torch.where(mask, position, L).amin(dim=1)  # (B,) L for a row without tokens
+    last = torch.where(mask, position, -1).amax(dim=1)  # (B,) -1 for a row without tokens
+    return bool(((last - first + 1).clamp(min=0) != mask.sum(dim=1)).any())
 
 
 def runs_varlen_kernel(x, head_dim):

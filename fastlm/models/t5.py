@@ -27,6 +27,7 @@ from ._common import (
     activation,
     check_ids,
     check_labels,
+    has_holes,
     key_padding_mask,
     runs_varlen_kernel,
 )
@@ -334,7 +335,8 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
     or without it the trailing -100s of labels (HF's collators pad labels with -100). The logits and the
     decoder output are then 0 at the target padding, and the loss counts only real targets (the same loss
     when, as HF's collators make them, the labels at the padding are -100; else the decoder runs padded).
-    generate() always runs the decoder padded.
+    A mask with padding between two tokens of a row keeps its stack padded (packing would change T5's
+    relative positions). generate() always runs the decoder padded.
 
     generate (GenerationMixin.generate) returns (B, 1 + n) decoder tokens starting with
     decoder_start_token_id (HF's layout); it stops a row at the config's eos_token_id by default and pads
@@ -403,6 +405,14 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         """input_ids (B, Ls) -> encoder output (B, Ls, E)."""
         return self._encoded(input_ids, attention_mask, None)[0]
 
+    def _unpads(self, mask, x):
+        """Whether a stack runs unpadded on x (B, L, E) with mask (B, L) bool (None: no padding): with padding,
+        unpad_inputs, a varlen kernel for x, and no padding between two tokens of a row (the relative
+        positions are those of the padded layout: packing would change them)."""
+        return (
+            mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv) and not has_holes(mask)
+        )
+
     def _encoded(self, input_ids, attention_mask, encoder_outputs):
         """The encoder output (B, Ls, E) (``encoder_outputs`` when given, checked; else the encoder run on
         input_ids), its (B, Ls) key-padding mask or None, converted once for the encoder and every
@@ -411,7 +421,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
             check_ids(input_ids, self.config.vocab_size)
             mask = key_padding_mask(attention_mask, input_ids.shape)  # (B, Ls) bool, None without padding
             x = self.shared(input_ids)  # (B, Ls, E)
-            if mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
+            if self._unpads(mask, x):
                 packed, sequences = PackedSequences.pack(x, mask)  # (Ts, E)
                 packed = self.encoder(packed, mask=sequences)
                 return sequences.pad(packed), mask, (packed, sequences)  # (B, Ls, E), 0 at the padding
@@ -484,7 +494,7 @@ class T5ForConditionalGeneration(GenerationMixin, PretrainedMixin, nn.Module):
         encoded, memory_mask, memory = self._encoded(input_ids, attention_mask, encoder_outputs)  # (B, Ls, E)
         x = self.shared(decoder_input_ids)  # (B, Lt, E)
         target_mask = self._target_mask(decoder_mask, labels)  # (B, Lt) or None
-        if target_mask is not None and self.unpad_inputs and runs_varlen_kernel(x, self.config.d_kv):
+        if self._unpads(target_mask, x):
             memory, memory_sequences = memory or PackedSequences.pack(encoded, memory_mask)  # (Ts, E)
             x, sequences = PackedSequences.pack(x, target_mask)  # (Tt, E)
             h = self.decoder(x, mask=sequences, memory_kv=self._memory_kv(memory), memory_mask=memory_sequences)

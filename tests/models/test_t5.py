@@ -261,3 +261,27 @@ def test_decoder_unpads_only_on_target_padding():
     assert varlen_calls(model.generate, max_new_tokens=2, eos_token_id=None) == encoder
     model.unpad_inputs = False
     assert varlen_calls(labels=labels) == 0
+
+
+def test_masks_with_holes_stay_padded():
+    """Padding between two tokens of a row (in the source or the target mask) keeps that stack padded:
+    packing would bring the tokens closer and change their relative-position buckets. Logits still match HF,
+    and a right-padded row next to it changes nothing."""
+    if "cpu" not in fastlm.available_backends("cpu"):
+        pytest.skip("no cpu varlen kernel")
+    torch.manual_seed(3)
+    hf32, hf64 = hf_pair(transformers.T5ForConditionalGeneration(hf_config("v1.0")))
+    model = T5ForConditionalGeneration.from_pretrained(hf32).eval()
+    src, src_mask, labels = batch(3)
+    src_mask[0, 3] = 0  # a hole in row 0 (length 9)
+    tgt_mask = (labels != -100).long()
+    tgt_mask[0, 2] = 0  # a hole in row 0 (length 7)
+    dec = model.shift_right(labels)
+    before = fastlm.backends.calls.copy()
+    logits = model(src, src_mask, decoder_input_ids=dec, decoder_attention_mask=tgt_mask).logits
+    assert ("varlen_attention", "cpu") not in fastlm.backends.calls - before
+    model.unpad_inputs = False
+    padded = model(src, src_mask, decoder_input_ids=dec, decoder_attention_mask=tgt_mask).logits
+    oracle = hf64(src, attention_mask=src_mask, decoder_input_ids=dec, decoder_attention_mask=tgt_mask).logits
+    real = tgt_mask.bool()
+    assert_matches_hf(logits[real], oracle[real], padded[real], "logits")
