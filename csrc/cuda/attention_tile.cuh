@@ -117,39 +117,51 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride
   }
 }
 
-// The sequence a block works on, at the block's start. Padded calls (VARLEN false): batch b of the (B, H, L,
-// D) tensors, all of its Lq queries and Lk keys. Varlen calls: sequence b of the packed tensors (b strides
-// 0), its rows and lengths from cu_seqlens; p.Lq and p.Lk are then the longest lengths, which still fix the
-// dropout offsets and the rel_pos diagonals. Query and key positions (i, j) count from the sequence's start
-// in both, and every bound on them is this struct's.
+// The sequence a block works on. Padded calls (VARLEN false): batch b of the (B, H, L, D) tensors, all of
+// its Lq queries and Lk keys. Varlen calls: sequence b of the packed tensors (b strides 0), its rows and
+// lengths from cu_seqlens; p.Lq and p.Lk are then the longest lengths, which still fix the dropout offsets
+// (and, through diag0(), the rel_pos diagonals). Query and key positions (i, j) count from the sequence's
+// start in both, and every bound on them is this struct's. A varlen block reads cu_seqlens once, into shared
+// memory, and reads them there where it uses them: held in registers, they spill the dK/dV kernel at D = 128.
 template <bool VARLEN>
 struct Seq {
   const AttentionParams& p;
-  int32_t first_q = 0, first_k = 0, count_q = 0, count_k = 0;  // varlen only (padded calls read p)
 
+  // Construct at the kernel's start, in every thread (a varlen block synchronizes here).
   __device__ __forceinline__ Seq(const AttentionParams& params, int64_t b) : p(params) {
     if constexpr (VARLEN) {
-      first_q = __ldg(p.cu_seqlens_q + b);
-      first_k = __ldg(p.cu_seqlens_k + b);
-      count_q = __ldg(p.cu_seqlens_q + b + 1) - first_q;
-      count_k = __ldg(p.cu_seqlens_k + b + 1) - first_k;
+      if (threadIdx.x == 0) {
+        int32_t* s = shared();
+        s[0] = __ldg(p.cu_seqlens_q + b);
+        s[1] = __ldg(p.cu_seqlens_k + b);
+        s[2] = __ldg(p.cu_seqlens_q + b + 1) - s[0];
+        s[3] = __ldg(p.cu_seqlens_k + b + 1) - s[1];
+      }
+      __syncthreads();
     }
   }
 
-  __device__ __forceinline__ int64_t q0() const { return VARLEN ? first_q : 0; }  // first query row of the sequence
-  __device__ __forceinline__ int64_t k0() const { return VARLEN ? first_k : 0; }  // first key row
-  __device__ __forceinline__ int64_t Lq() const { return VARLEN ? count_q : p.Lq; }  // its query count
-  __device__ __forceinline__ int64_t Lk() const { return VARLEN ? count_k : p.Lk; }  // its key count
+  __device__ __forceinline__ int64_t q0() const { return VARLEN ? shared()[0] : 0; }  // first query row
+  __device__ __forceinline__ int64_t k0() const { return VARLEN ? shared()[1] : 0; }  // first key row
+  __device__ __forceinline__ int64_t Lq() const { return VARLEN ? shared()[2] : p.Lq; }  // query count
+  __device__ __forceinline__ int64_t Lk() const { return VARLEN ? shared()[3] : p.Lk; }  // key count
 
   // The element of p.bucket of the sequence's diagonal j - i = 1 - Lq: the buckets are those of the (p.Lq,
   // p.Lk) score matrix, diagonal j - i + p.Lq - 1, and a varlen sequence's query i sits at position
   // i + Lk - Lq of its keys, as it would at i + p.Lk - p.Lq in that matrix.
-  __device__ __forceinline__ int64_t diag0() const { return VARLEN ? count_q - 1 + p.Lk - count_k : p.Lq - 1; }
+  __device__ __forceinline__ int64_t diag0() const { return VARLEN ? Lq() - 1 + p.Lk - Lk() : p.Lq - 1; }
 
   // Element of query i of head h (batch b) in the per-row fp32 arrays: lse, delta, lse_log2 ((B, Hq, Lq),
   // varlen (Hq, total_q)).
   __device__ __forceinline__ int64_t row_index(int64_t b, int64_t h, int64_t i) const {
-    return VARLEN ? h * p.total_q + first_q + i : (b * p.Hq + h) * p.Lq + i;
+    return VARLEN ? h * p.total_q + q0() + i : (b * p.Hq + h) * p.Lq + i;
+  }
+
+ private:
+  // The varlen block's first_q, first_k, count_q, count_k.
+  __device__ __forceinline__ static int32_t* shared() {
+    __shared__ int32_t values[4];
+    return values;
   }
 };
 
