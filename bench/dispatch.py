@@ -2,8 +2,9 @@
 
 For every op timed on a GPU with both the `triton` and the `cuda` backend, the default for CUDA
 tensors is the backend with the smaller total forward+backward median over the op's shapes. The
-choice is written to fastlm/dispatch.json, which fastlm.backends reads; ops missing from it default
-to triton.
+attention suite's "varlen" rows (varlen attention on the padded cases' real tokens) decide
+varlen_attention. The choice is written to fastlm/dispatch.json, which fastlm.backends reads; ops
+missing from it default to triton.
 """
 
 import json
@@ -12,7 +13,13 @@ from pathlib import Path
 
 from fastlm.backends import DISPATCH_FILE, reload_dispatch
 
-CANDIDATES = {"fastlm triton": "triton", "fastlm cuda": "cuda"}
+# impl -> (the op it decides, None for the row's own, and the backend)
+CANDIDATES = {
+    "fastlm triton": (None, "triton"),
+    "fastlm cuda": (None, "cuda"),
+    "fastlm triton varlen": ("varlen_attention", "triton"),
+    "fastlm cuda varlen": ("varlen_attention", "cuda"),
+}
 
 
 def choose(result_files):
@@ -24,10 +31,10 @@ def choose(result_files):
         if data["meta"]["device_type"] != "cuda":
             continue
         for row in data["rows"]:
-            backend = CANDIDATES.get(row["impl"])
+            op, backend = CANDIDATES.get(row["impl"], (None, None))
             if backend is None or row["mode"] != "fwd+bwd" or row["median_ms"] is None:
                 continue
-            totals[row["op"]][backend][(row["shape"], row["dtype"])] = row["median_ms"]
+            totals[op or row["op"]][backend][(row["shape"], row["dtype"])] = row["median_ms"]
     chosen = {}
     for op, per_backend in totals.items():
         if len(per_backend) < 2:

@@ -171,6 +171,8 @@ def test_models_summary_and_table_show_both_baselines(capsys):
     ]
     tiny = [dataclasses.replace(r, shape="bert s128 b8 dropout 0") for r in rows]
     assert bench_models.summary(tiny) == ["bert s128 b8 dropout 0: fastlm over hf-eager 3.00× (target ≥ 4.0×)"]
+    gpu = [dataclasses.replace(r, shape="bert s128 b32 dropout 0.1", dtype="bf16-amp") for r in rows]
+    assert bench_models.summary(gpu) == ["bert s128 b32 dropout 0.1: fastlm over hf-sdpa 2.00× (target ≥ 2.0×)"]
     bench_models.print_table(rows)
     out = capsys.readouterr().out
     assert "vs eager" in out and "vs sdpa" in out and "3.00x    2.00x" in out

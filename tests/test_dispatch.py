@@ -41,11 +41,13 @@ def test_faster_backend_per_op_wins(tmp_path):
             row("attention", "fastlm triton", 3.0),
             row("attention", "fastlm cuda", 2.0),
             row("attention", "fastlm cuda", 0.1, mode="fwd"),
+            row("attention", "fastlm triton varlen", 1.0),  # the padded cases' varlen rows: varlen_attention
+            row("attention", "fastlm cuda varlen", 1.5),
             row("rms_norm", "fastlm triton", 1.0),  # only one backend timed: no decision
         ],
     )
     cpu = result_file(tmp_path, "b.json", "cpu", [row("rms_norm", "fastlm cuda", 0.1)])
-    assert dispatch.choose([gpu, cpu]) == {"layer_norm": "triton", "attention": "cuda"}
+    assert dispatch.choose([gpu, cpu]) == {"layer_norm": "triton", "attention": "cuda", "varlen_attention": "triton"}
 
 
 def test_update_merges_into_the_dispatch_file(tmp_path):
