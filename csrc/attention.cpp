@@ -138,6 +138,31 @@ void set_mask(AttentionParams& p, const c10::optional<at::Tensor>& mask, const a
   p.mask_stride[1] = mask->stride(1);
 }
 
+// The rel_pos table gradient of a backward call: the partials the kernels add to, zero-filled, (B, Hq, slabs,
+// num_buckets) with a slab per kAttentionSlab queries from the CUDA kernels (cuda) and one per head from the CPU
+// kernels, empty when the gradient is not needed; and their sum, (num_buckets, Hq) in a fixed order.
+class DtablePartials {
+ public:
+  DtablePartials(const AttentionParams& p, bool needed, bool cuda, const at::TensorOptions& fp32)
+      : needed_(needed),
+        partial_(at::zeros(needed ? std::vector<int64_t>{p.B, p.Hq, slabs(p, cuda), p.num_buckets}
+                                  : std::vector<int64_t>{0},
+                           fp32)) {}
+
+  float* data() { return needed_ ? partial_.data_ptr<float>() : nullptr; }  // for p.dtable
+
+  // (B, Hq, slabs, num_buckets) -> (num_buckets, Hq); torch's sum has a fixed order. Empty when not needed.
+  at::Tensor sum() const { return needed_ ? partial_.sum(at::IntArrayRef{0, 2}).t().contiguous() : partial_; }
+
+ private:
+  static int64_t slabs(const AttentionParams& p, bool cuda) {
+    return cuda ? (p.Lq + kAttentionSlab - 1) / kAttentionSlab : 1;
+  }
+
+  bool needed_;
+  at::Tensor partial_;
+};
+
 void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
 }
@@ -215,16 +240,11 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
-  // zero-filled: the kernels skip the tiles above the causal diagonal and add to dtable's partials (one per
-  // slab of queries from the CUDA kernels, one per head from the CPU kernels)
-  const int64_t slabs = cuda ? (p.Lq + kAttentionSlab - 1) / kAttentionSlab : 1;
+  // zero-filled: the kernels skip the tiles above the causal diagonal
   at::Tensor dbias = at::zeros(need_dbias ? std::vector<int64_t>{p.B, p.Hq, p.Lq, p.Lk} : std::vector<int64_t>{0},
                                fp32);
-  at::Tensor dtable_partial = at::zeros(
-      need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0}, fp32);
-  // (B, Hq, slabs, num_buckets) -> (num_buckets, Hq); torch's sum has a fixed order
-  auto dtable = [&] { return need_dtable ? dtable_partial.sum(at::IntArrayRef{0, 2}).t().contiguous() : dtable_partial; };
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable()};
+  DtablePartials dtable(p, need_dtable, cuda, fp32);
+  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dbias, dtable.sum()};
   at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   at::Tensor lse_log2 = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   p.o = o.data_ptr();
@@ -241,9 +261,9 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& do_in, const at::Tensor&
   set_strides(p.dk_stride, dk);
   set_strides(p.dv_stride, dv);
   if (need_dbias) p.dbias = dbias.data_ptr<float>();
-  if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
+  p.dtable = dtable.data();
   device.run(kBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), FASTLM_CPU_KERNEL(cpu::attention_bwd));
-  return {dq, dk, dv, dbias, dtable()};
+  return {dq, dk, dv, dbias, dtable.sum()};
 }
 
 // Varlen attention: the CPU kernels on CPU tensors, the CUDA kernels (their VARLEN variants) on their device.
@@ -365,14 +385,8 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dk = new_output(k.sizes(), k.options());
   at::Tensor dv = new_output(v.sizes(), v.options());
-  // (B, Hq, slabs, num_buckets) partials, zero-filled (one per slab of queries from the CUDA kernels, one per
-  // head from the CPU kernels), summed in a fixed order -> (num_buckets, Hq)
-  const int64_t slabs = cuda ? (p.Lq + kAttentionSlab - 1) / kAttentionSlab : 1;
-  at::Tensor dtable_partial = at::zeros(
-      need_dtable ? std::vector<int64_t>{p.B, p.Hq, slabs, p.num_buckets} : std::vector<int64_t>{0},
-      q.options().dtype(at::kFloat));
-  auto dtable = [&] { return need_dtable ? dtable_partial.sum(at::IntArrayRef{0, 2}).t().contiguous() : dtable_partial; };
-  if (q.numel() == 0 || k.numel() == 0 || p.B == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable()};
+  DtablePartials dtable(p, need_dtable, cuda, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.numel() == 0 || p.B == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dtable.sum()};
   // the CUDA kernels' per-row scratch, (Hq, Tq) like lse: delta = rowsum(dO * O) and lse * log2(e)
   at::Tensor delta, lse_log2;
   if (cuda) {
@@ -392,9 +406,9 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& do_in, const at::
   set_varlen_strides(p.dq_stride, dq);
   set_varlen_strides(p.dk_stride, dk);
   set_varlen_strides(p.dv_stride, dv);
-  if (need_dtable) p.dtable = dtable_partial.data_ptr<float>();
+  p.dtable = dtable.data();
   device.run(kVarlenBwd, q, p, FASTLM_CUDA_KERNEL(launch_attention_bwd), FASTLM_CPU_KERNEL(cpu::attention_bwd));
-  return {dq, dk, dv, dtable()};
+  return {dq, dk, dv, dtable.sum()};
 }
 
 }  // namespace
