@@ -81,26 +81,31 @@ def check_same_shape(tensor, name, shape, expected="(B, L)"):
         raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got {tuple(tensor.shape)}")
 
 
-def _mask_and_facts(attention_mask, shape, expected, name):
-    """(bool mask, whether it attends every key) of HF's attention_mask, checked, in one host sync."""
+def _as_bool(attention_mask, shape, expected, name):
+    """HF's attention_mask as a bool mask (True = attend), and for a non-bool one the 0-dim bool tensor saying
+    whether it holds only 0 and 1 (not read back yet: the caller reads it with whatever else it needs)."""
     check_same_shape(attention_mask, name, shape, expected)
     if attention_mask.is_complex():
         raise TypeError(f"{name} must be bool, integer or floating, got dtype {attention_mask.dtype}")
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     if attention_mask.dtype == torch.bool:
-        return mask, bool(mask.all())
-    valid = ((attention_mask == 0) | (attention_mask == 1)).all()
-    valid, full = torch.stack([valid, mask.all()]).tolist()  # the one host sync
+        return attention_mask, None
+    return attention_mask != 0, ((attention_mask == 0) | (attention_mask == 1)).all()
+
+
+def _check_values(valid, name):
+    """Raise ValueError unless ``valid`` (read back) is True: the mask held a value other than 0 and 1."""
     if not valid:
         raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got other values")
-    return mask, full
 
 
 def attention_mask_bool(attention_mask, shape, expected="(B, L)", name="attention_mask"):
     """HF's attention_mask of ``shape``, 1 = token / 0 = padding (bool, integer or floating), as a bool
     tensor, True = attend. Any other value is a ValueError (an additive 0 / -inf mask would otherwise
     silently attend to the padding)."""
-    return _mask_and_facts(attention_mask, shape, expected, name)[0]
+    mask, valid = _as_bool(attention_mask, shape, expected, name)
+    if valid is not None:
+        _check_values(bool(valid), name)
+    return mask
 
 
 def key_padding_mask(attention_mask, shape, expected="(B, L)", name="attention_mask"):
@@ -108,7 +113,11 @@ def key_padding_mask(attention_mask, shape, expected="(B, L)", name="attention_m
     when absent or when every key is attended (the kernels then skip the mask). One host sync."""
     if attention_mask is None:
         return None
-    mask, full = _mask_and_facts(attention_mask, shape, expected, name)
+    mask, valid = _as_bool(attention_mask, shape, expected, name)
+    facts = [mask.all()] if valid is None else [mask.all(), valid]
+    full, *checked = torch.stack(facts).tolist()  # the one host sync
+    if checked:
+        _check_values(checked[0], name)
     return None if full else mask
 
 
